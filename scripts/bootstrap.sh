@@ -20,4 +20,3 @@ if [ "$(cat "$_stamp" 2>/dev/null)" != "$_want" ]; then
     "$PY" -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (sleeplib)" >/dev/null
     echo "$_want" > "$_stamp"
 fi
-export MPLBACKEND="${MPLBACKEND:-Agg}"
