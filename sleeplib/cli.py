@@ -27,7 +27,6 @@ from typing import Sequence
 __all__ = ["DATASETS", "build_parser", "main"]
 
 DATASETS = ("sleep-edf-20", "sleep-edf-78", "sleep-edf-st", "sample", "synthetic", "shhs")
-DEFAULT_CHANNELS = ("EEG Fpz-Cz",)
 # Expected failures: reported as one line. Any exception class defined inside sleeplib counts too.
 _USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, ConnectionError, OSError)
 
@@ -43,8 +42,8 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
                         help="subject ids, e.g. `0 1 2` or `0-19` (default: all of the dataset)")
     parser.add_argument("--nights", nargs="+", default=None, metavar="N",
                         help="nights 1 and/or 2 (default: both)")
-    parser.add_argument("--channels", nargs="+", default=list(DEFAULT_CHANNELS), metavar="NAME",
-                        help="EDF channel names (default: %(default)s)")
+    parser.add_argument("--channels", nargs="+", default=None, metavar="NAME",
+                        help="EDF channel names (default: EEG Fpz-Cz; EEG for SHHS)")
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="data folder (default: $SLEEPLIB_DATA, else data/ of the checkout)")
     parser.add_argument("--mirror", default=os.environ.get("SLEEPLIB_MIRROR") or None,
@@ -147,7 +146,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         raise CommandError("--dataset shhs needs --shhs-dir FOLDER (NSRR's SHHS EDF and XML files)")
     subjects, nights = _selection(args)
     prepare = _lazy("sleeplib.data.prepare", "prepare")
-    paths = prepare(args.dataset, subjects=subjects, nights=nights, channels=tuple(args.channels),
+    paths = prepare(args.dataset, subjects=subjects, nights=nights, channels=tuple(args.channels) if args.channels else None,
                     data_dir=args.data_dir, mirror=args.mirror, n_jobs=args.jobs, progress=True,
                     shhs_dir=args.shhs_dir)
     paths = [Path(p) for p in paths]

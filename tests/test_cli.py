@@ -133,7 +133,7 @@ def test_prepare_defaults(fake_module, monkeypatch):
     seen = {}
     fake_module("sleeplib.data.prepare", "prepare", lambda dataset, **kw: seen.update(kw, dataset=dataset) or [])
     assert cli.main(["prepare", "--dataset", "synthetic"]) == 0
-    assert seen["dataset"] == "synthetic" and seen["channels"] == ("EEG Fpz-Cz",)
+    assert seen["dataset"] == "synthetic" and seen["channels"] is None  # the dataset picks its default channel
     assert seen["subjects"] is None and seen["nights"] is None and seen["mirror"] is None
 
 
