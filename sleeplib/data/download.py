@@ -24,7 +24,7 @@ from typing import NamedTuple
 import pandas as pd
 import pooch
 from pooch.downloaders import choose_downloader
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: they render in papermill HTML reports, widgets do not
 
 from sleeplib.paths import ENV_MIRROR, data_dir as resolve_data_dir
 

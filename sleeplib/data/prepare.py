@@ -502,7 +502,7 @@ def prepare(
     list of pathlib.Path
         The ``.npz`` of every requested night, in order.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # text bars: they render in papermill HTML reports, widgets do not
 
     params = prepare_params(dataset, channels, wake_margin_min, l_freq, h_freq, target_fs,
                             synthetic_epochs=synthetic_epochs)
