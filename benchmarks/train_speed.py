@@ -1,0 +1,197 @@
+"""Training speed: several folds at once on the device vs a naive eager loop.
+
+Measures, in one process, on synthetic arrays of Sleep-EDF-20's size (42,308 epochs of 3000
+samples, 20 subjects, 39 nights; random data, never zeros):
+
+* naive: one fold, fp32, ``torch.utils.data.DataLoader`` on CPU tensors (shuffle, batch 128),
+  a host->device copy and a ``loss.item()`` sync every step, ``torch.optim.Adam(amsgrad=True)`` -
+  the structure of the original AttnSleep trainer. Timed over ``--naive-steps`` steps and scaled to
+  one training epoch (training only; its per-epoch test pass is left out, which favours it).
+* batched: :class:`sleeplib.train.fast.BatchedFolds` (what ``run_cv(engine="batched")`` uses):
+  ``--folds`` folds of the paper split at once, data on the device, vmap over stacked fold models,
+  masked fused Adam, CUDA graph, bf16 autocast (``--amp``); includes each epoch's evaluation of
+  every fold's test subject and the exact short last batch of each fold.
+
+Prints seconds per fold-epoch, the speed-up, and the projected wall time of the full 20 folds x
+100 epochs schedule; ``--full`` also runs that schedule and reports the measured time.
+
+Examples
+--------
+CPU smoke (CI-sized)::
+
+    python benchmarks/train_speed.py --device cpu --n-samples 400 --n-times 3000 --batch 32 \
+        --folds 2 --epochs 1 --naive-steps 3
+
+H100::
+
+    python benchmarks/train_speed.py --device cuda --folds 20 --epochs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from sleeplib.models import build_model  # noqa: E402
+from sleeplib.train.config import get_recipe  # noqa: E402
+from sleeplib.train.fast import BatchedFolds  # noqa: E402
+from sleeplib.train.protocols import PAPER_PERMUTATIONS  # noqa: E402
+
+# Sleep-EDF-20 Fpz-Cz class counts (W, N1, N2, N3, REM) as reported by AttnSleep (42,308 epochs).
+EDF20_COUNTS = np.array([8285, 2804, 17799, 5703, 7717])
+
+
+def synthetic_edf20(n_samples: int, n_times: int, n_subjects: int, device, seed: int = 0):
+    """Random epochs and labels with EDF-20's class mix; subject ids 0..n_subjects-1, 2 nights each."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    probs = torch.as_tensor(EDF20_COUNTS / EDF20_COUNTS.sum(), dtype=torch.float32)
+    y = torch.multinomial(probs, n_samples, replacement=True, generator=g)
+    x = torch.randn(n_samples, 1, n_times, generator=g) * 20.0  # microvolt-scale noise
+    subject = torch.arange(n_samples) * n_subjects // n_samples
+    return x.to(device), y.to(device), subject.numpy()
+
+
+def paper_like_folds(subject: np.ndarray, n_folds: int):
+    subjects = np.unique(subject)
+    perm = PAPER_PERMUTATIONS["sleep-edf-20"] if len(subjects) == 20 else list(range(len(subjects)))
+    order = subjects[np.asarray(perm)]
+    tests = np.array_split(order, len(subjects))[:n_folds]
+    train = [np.flatnonzero(~np.isin(subject, t)) for t in tests]
+    test = [np.flatnonzero(np.isin(subject, t)) for t in tests]
+    return train, test
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def naive(model_name, x, y, train_idx, args, config):
+    """Seconds per training epoch of the original-style loop (extrapolated from timed steps)."""
+    device = torch.device(args.device)
+    torch.manual_seed(config.seed)
+    model = build_model(model_name, n_times=x.shape[-1]).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, amsgrad=True)
+    xs, ys = x[train_idx].cpu(), y[train_idx].cpu()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xs, ys), batch_size=args.batch, shuffle=True)
+    weight = torch.ones(5, device=device)
+    it = iter(loader)
+    times = []
+    for step in range(args.naive_steps + 3):
+        t0 = time.perf_counter()
+        xb, yb = next(it)
+        xb, yb = xb.to(device), yb.to(device)
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(xb), yb, weight=weight)
+        loss.backward()
+        opt.step()
+        loss.item()  # the per-step sync of the original trainer
+        times.append(time.perf_counter() - t0)
+    per_step = float(np.median(times[3:]))
+    steps_per_epoch = -(-len(train_idx) // args.batch)
+    return per_step * steps_per_epoch, per_step
+
+
+def batched(model_name, x, y, train, test, args, config, epochs):
+    t_build = time.perf_counter()
+    engine = BatchedFolds(lambda: build_model(model_name, n_times=x.shape[-1]), x, y, train, test,
+                          [[1.0] * 5] * len(train), config, device=args.device, cuda_graphs=args.graphs,
+                          last_batch=args.last_batch)
+    sync(args.device)
+    build = time.perf_counter() - t_build
+    epoch_times = []
+    for _ in range(epochs):
+        t0 = time.perf_counter()
+        engine.run_epoch()
+        sync(args.device)
+        epoch_times.append(time.perf_counter() - t0)
+    return engine, build, epoch_times
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--model", default="attnsleep")
+    p.add_argument("--n-samples", type=int, default=42308)
+    p.add_argument("--n-times", type=int, default=3000)
+    p.add_argument("--n-subjects", type=int, default=20)
+    p.add_argument("--folds", type=int, default=20, help="folds trained at once")
+    p.add_argument("--epochs", type=int, default=3, help="batched epochs timed (the first includes capture)")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--amp", default="none", choices=["none", "bf16"])
+    p.add_argument("--graphs", type=int, default=None, help="1/0: force CUDA graphs on/off (default: on CUDA)")
+    p.add_argument("--last-batch", default="exact", choices=["exact", "drop"])
+    p.add_argument("--naive-steps", type=int, default=50)
+    p.add_argument("--skip-naive", action="store_true")
+    p.add_argument("--full", action="store_true", help="also run the whole 20 x 100 schedule")
+    p.add_argument("--schedule-folds", type=int, default=20)
+    p.add_argument("--schedule-epochs", type=int, default=100)
+    p.add_argument("--json", default=None, help="write the figures here (default: $OUT/train_speed.json if set)")
+    args = p.parse_args(argv)
+    args.graphs = None if args.graphs is None else bool(args.graphs)
+    if args.device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    config = get_recipe("attnsleep", batch_size=args.batch, amp=args.amp, progress=False)
+    x, y, subject = synthetic_edf20(args.n_samples, args.n_times, args.n_subjects, args.device)
+    train, test = paper_like_folds(subject, args.folds)
+    out = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+           "torch": torch.__version__, "args": vars(args)}
+
+    if not args.skip_naive:
+        s_epoch, s_step = naive(args.model, x, y, train[0], args, config)
+        out.update(naive_s_per_fold_epoch=s_epoch, naive_s_per_step=s_step)
+        print(f"naive eager fp32 DataLoader: {s_step * 1e3:.1f} ms/step, {s_epoch:.2f} s per fold-epoch")
+
+    engine, build, times = batched(args.model, x, y, train, test, args, config, args.epochs)
+    steady = float(np.median(times[1:])) if len(times) > 1 else times[0]
+    per_fold_epoch = steady / args.folds
+    n_fold_epochs = args.schedule_folds * args.schedule_epochs
+    projected = build + (times[0] - steady) + per_fold_epoch * n_fold_epochs
+    out.update(batched_build_s=build, batched_epoch_s=times, batched_s_per_fold_epoch=per_fold_epoch,
+               steps_per_epoch=engine.steps_per_epoch, projected_schedule_s=projected,
+               peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None)
+    print(f"batched x{args.folds} ({args.amp}, graphs={engine.use_graphs}, last_batch={args.last_batch}): "
+          f"build {build:.1f} s, epochs {[round(t, 2) for t in times]} s, "
+          f"{per_fold_epoch:.3f} s per fold-epoch")
+    if "naive_s_per_fold_epoch" in out:
+        out["speedup"] = out["naive_s_per_fold_epoch"] / per_fold_epoch
+        out["naive_projected_schedule_s"] = out["naive_s_per_fold_epoch"] * n_fold_epochs
+        print(f"speed-up vs naive: {out['speedup']:.1f}x; naive {args.schedule_folds}x{args.schedule_epochs} "
+              f"schedule projected {out['naive_projected_schedule_s'] / 3600:.2f} h")
+    print(f"projected {args.schedule_folds} folds x {args.schedule_epochs} epochs: {projected:.0f} s "
+          f"({projected / 60:.1f} min)")
+    if args.full:
+        del engine
+        config_full = config.replace(epochs=args.schedule_epochs)
+        train_s, test_s = paper_like_folds(subject, args.schedule_folds)
+        t0 = time.perf_counter()
+        eng = BatchedFolds(lambda: build_model(args.model, n_times=x.shape[-1]), x, y, train_s, test_s,
+                           [[1.0] * 5] * len(train_s), config_full, device=args.device, cuda_graphs=args.graphs,
+                           last_batch=args.last_batch)
+        outcomes = eng.fit(progress=False)
+        sync(args.device)
+        measured = time.perf_counter() - t0
+        out.update(measured_schedule_s=measured,
+                   best_epochs=[o.best_epoch for o in outcomes],
+                   final_train_loss=[float(o.history["train_loss"].iloc[-1]) for o in outcomes])
+        print(f"measured {args.schedule_folds} x {args.schedule_epochs} schedule: {measured:.0f} s ({measured / 60:.1f} min)")
+    path = args.json or (os.path.join(os.environ["OUT"], "train_speed.json") if os.environ.get("OUT") else None)
+    if path:
+        Path(path).write_text(json.dumps(out, indent=2, default=float))
+    return out
+
+
+if __name__ == "__main__":
+    main()

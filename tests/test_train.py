@@ -1,0 +1,155 @@
+"""Training engine: resume to the same weights, batched folds = per-fold Adam, run_cv round trip."""
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from sleeplib.train import ArraySet, TrainConfig, fit, load_cv, run_cv
+from sleeplib.train.config import lr_factor
+from sleeplib.train.fast import BatchedFolds
+
+
+class TinyNet(nn.Module):
+    """Stand-in for AttnSleep: conv + BatchNorm + dropout + linear, fast on CPU."""
+
+    def __init__(self, n_outputs=5, n_chans=1, sfreq=100.0, n_times=64, dropout=0.2):
+        super().__init__()
+        self.conv = nn.Conv1d(n_chans, 4, 7, stride=3, bias=False)  # no bias before BN: its grad is noise
+        self.bn = nn.BatchNorm1d(4)
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(4, n_outputs)
+
+    def forward(self, x):
+        return self.fc(self.drop(torch.relu(self.bn(self.conv(x))).mean(-1)))
+
+
+def _data(n=160, t=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 5, (n,), generator=g)
+    x = torch.randn(n, 1, t, generator=g) + y[:, None, None] * 0.5  # learnable signal
+    return x, y
+
+
+CFG = TrainConfig(epochs=4, batch_size=32, lr_milestones={2: 1e-4}, progress=False)
+
+
+def test_lr_schedule_matches_attnsleep():
+    cfg = TrainConfig()
+    assert cfg.lr * lr_factor(cfg, 10) == pytest.approx(1e-3)
+    assert cfg.lr * lr_factor(cfg, 11) == pytest.approx(1e-4)
+
+
+@pytest.mark.slow
+def test_resume_after_interruption_gives_identical_weights(tmp_path):
+    x, y = _data()
+    train, val = ArraySet.from_arrays(x[:120], y[:120]), ArraySet.from_arrays(x[120:], y[120:])
+    torch.manual_seed(0)
+    straight = fit(TinyNet(), train, val, config=CFG, class_weights=[1, 2, 1, 1, 1], out_dir=tmp_path / "a")
+    torch.manual_seed(0)
+    first = fit(TinyNet(), train, val, config=CFG, class_weights=[1, 2, 1, 1, 1], out_dir=tmp_path / "b", stop_after=2)
+    assert len(first.history) == 2
+    # "crash": a fresh process would rebuild the model from scratch and resume from the checkpoint
+    torch.manual_seed(999)
+    resumed = fit(TinyNet(), train, val, config=CFG, class_weights=[1, 2, 1, 1, 1], out_dir=tmp_path / "b")
+    assert len(resumed.history) == 4
+    for key in straight.best_state:
+        assert torch.equal(straight.best_state[key], resumed.best_state[key]), key
+    np.testing.assert_array_equal(straight.history["train_loss"], resumed.history["train_loss"])
+    assert (tmp_path / "b" / "history.csv").exists()
+    with pytest.raises(ValueError, match="different settings"):
+        fit(TinyNet(), train, val, config=CFG.replace(lr=5e-3), out_dir=tmp_path / "b")
+
+
+@pytest.mark.slow
+def test_training_learns_and_selects_best_epoch():
+    x, y = _data(400)
+    cfg = CFG.replace(epochs=6, lr_schedule="none", lr=1e-2)
+    out = fit(TinyNet(dropout=0.0), ArraySet.from_arrays(x[:300], y[:300]), ArraySet.from_arrays(x[300:], y[300:]),
+              config=cfg)
+    assert out.history["train_loss"].iloc[-1] < out.history["train_loss"].iloc[0]
+    assert out.best_score == out.history["val_accuracy"].max() > 0.3
+    assert out.history["val_accuracy"].iloc[out.best_epoch - 1] == out.best_score
+
+
+def test_early_stopping_and_grad_clip_run():
+    x, y = _data()
+    cfg = CFG.replace(epochs=20, early_stopping=1, grad_clip=0.5, lr=1e-6, lr_schedule="none")
+    out = fit(TinyNet(), ArraySet.from_arrays(x[:100], y[:100]), ArraySet.from_arrays(x[100:], y[100:]), config=cfg)
+    assert out.stopped_early and len(out.history) < 20
+
+
+def test_batched_folds_equal_per_fold_adam():
+    x, y = _data(300)
+    train = [np.arange(0, 200), np.arange(50, 300)]  # different sizes: masked steps + short last batches
+    evals = [np.arange(200, 300), np.arange(0, 50)]
+    weights = [[1, 2, 1, 1, 1.5], [1, 1, 1, 1, 1]]
+    cfg = CFG.replace(epochs=2, lr_milestones={1: 1e-4})
+    engine = BatchedFolds(lambda: TinyNet(dropout=0.0), x, y, train, evals, weights, cfg, record_batches=True)
+    outcomes = engine.fit()
+    for k in range(2):
+        torch.manual_seed(cfg.seed)
+        model = TinyNet(dropout=0.0)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=cfg.weight_decay, amsgrad=True)
+        w = torch.tensor(weights[k], dtype=torch.float32)
+        for epoch in (1, 2):
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * lr_factor(cfg, epoch)
+            order = torch.as_tensor(engine.orders[epoch - 1][k])
+            for s in range(0, len(order), cfg.batch_size):
+                idx = order[s:s + cfg.batch_size]
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x[idx]), y[idx], weight=w).backward()
+                opt.step()
+        flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        torch.testing.assert_close(engine.flat[k].detach(), flat, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(engine.buffers["bn.running_var"][k], model.bn.running_var, rtol=1e-4, atol=1e-5)
+        assert len(outcomes[k].history) == 2 and outcomes[k].val_probs.shape == (len(evals[k]), 5)
+
+
+@dataclass
+class _Night:
+    x: np.ndarray
+    y: np.ndarray
+    subject: int
+    night: int
+    record: str
+    fs: float = 100.0
+
+
+def _nights(n_subjects=4, n=40, t=64):
+    rng = np.random.default_rng(0)
+    out = []
+    for s in range(n_subjects):
+        y = rng.integers(0, 5, n)
+        out.append(_Night((rng.normal(size=(n, t)) + y[:, None] * 0.5).astype(np.float32), y, s, 1, f"SC4{s:02d}1E0"))
+    return out
+
+
+@pytest.mark.parametrize("engine", ["eager", "batched"])
+@pytest.mark.parametrize("protocol", ["paper", "clean"])
+def test_run_cv_saves_predictions_and_skips_finished_folds(tmp_path, monkeypatch, engine, protocol):
+    import sleeplib.models as models
+
+    monkeypatch.setitem(models.MODELS, "tinynet", TinyNet)
+    nights = _nights()
+    cfg = CFG.replace(epochs=2, class_weights="balanced")
+    res = run_cv("tinynet", nights, protocol=protocol, folds=[0, 1], config=cfg, out_dir=tmp_path, engine=engine)
+    assert sorted(res.predictions["fold"].unique()) == [0, 1]
+    assert len(res.predictions) == 2 * 40  # one subject of 40 epochs per fold
+    assert set(res.histories) == {0, 1} and len(res.histories[0]) == 2
+    assert ("optimistic" in res.protocol_label) == (protocol == "paper")
+    summary = res.summary()
+    assert 0 <= summary["pooled"]["accuracy"] <= 1 and len(summary["per_fold"]) == 2
+    # re-run: finished folds are loaded, not retrained (model.pt untouched)
+    stamp = (tmp_path / "fold_00" / "model.pt").stat().st_mtime_ns
+    again = run_cv("tinynet", nights, protocol=protocol, folds=[0, 1], config=cfg, out_dir=tmp_path, engine=engine)
+    assert (tmp_path / "fold_00" / "model.pt").stat().st_mtime_ns == stamp
+    assert again.predictions.equals(load_cv(tmp_path).predictions)
+
+
+def test_time_block_needs_one_night(tmp_path):
+    with pytest.raises(ValueError, match="one night"):
+        run_cv("tinynet", _nights(2), protocol="time-block", out_dir=tmp_path)
