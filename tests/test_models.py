@@ -359,3 +359,25 @@ def test_sleepeegnet_gradients_flow(sleepeegnet):
     for name, param in sleepeegnet.named_parameters():
         assert param.grad is not None and torch.isfinite(param.grad).all(), name
         assert param.grad.abs().sum() > 0, name
+
+
+def test_unfold_conv_matches_conv1d_and_vmaps():
+    """UnfoldConv1d is nn.Conv1d's maths (the MRCNN's first layers use it for speed under vmap)."""
+    from torch.func import functional_call, stack_module_state, vmap
+
+    from sleeplib.models.blocks import UnfoldConv1d
+
+    torch.manual_seed(0)
+    for chans, kernel, stride, pad in [(1, 50, 6, 24), (1, 400, 50, 200), (3, 7, 2, 3)]:
+        fast = UnfoldConv1d(chans, 8, kernel, stride=stride, padding=pad, bias=True)
+        ref = torch.nn.Conv1d(chans, 8, kernel, stride=stride, padding=pad, bias=True)
+        ref.load_state_dict(fast.state_dict())
+        x = torch.randn(4, chans, 3000, dtype=torch.float64)
+        fast.double(), ref.double()
+        torch.testing.assert_close(fast(x), ref(x))
+    folds = [UnfoldConv1d(1, 4, 50, stride=6, padding=24).double() for _ in range(3)]
+    params, buffers = stack_module_state(folds)
+    xs = torch.randn(3, 2, 1, 600, dtype=torch.float64)
+    out = vmap(lambda p, b, x: functional_call(folds[0], (p, b), (x,)))(params, buffers, xs)
+    for k, m in enumerate(folds):
+        torch.testing.assert_close(out[k], m(xs[k]))

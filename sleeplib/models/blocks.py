@@ -33,6 +33,7 @@ __all__ = [
     "SqueezeExcitation1d",
     "SEResidualBlock1d",
     "MRCNN",
+    "UnfoldConv1d",
     "CausalConvMultiHeadAttention",
     "PositionwiseFeedForward",
     "TCEEncoderLayer",
@@ -65,7 +66,8 @@ def init_weights_normal(module: nn.Module) -> None:
     too, so :class:`CausalConv1d` layers are left at their defaults as in the original.
     """
     module_type = type(module)
-    if module_type in (nn.Conv1d, nn.Conv2d):
+    # UnfoldConv1d stands in for the original's plain Conv1d (same maths), so it is initialised too.
+    if module_type in (nn.Conv1d, nn.Conv2d, UnfoldConv1d):
         nn.init.normal_(module.weight, 0.0, 0.02)
     elif module_type in (nn.BatchNorm1d, nn.BatchNorm2d):
         nn.init.normal_(module.weight, 1.0, 0.02)
@@ -245,6 +247,33 @@ class SEResidualBlock1d(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
+class UnfoldConv1d(nn.Conv1d):
+    """A ``Conv1d`` computed as unfold + matrix product: same parameters, same maths.
+
+    Used for convolutions with few input channels and long, strided kernels (the first layer of
+    each MRCNN branch: 1 channel, kernel 50 or 400). When several fold models are trained at once
+    with ``torch.func.vmap``, an ordinary ``Conv1d`` there becomes a depthwise convolution (one
+    input channel per group) for which PyTorch falls back to a slow generic kernel (22 ms per
+    call for 20 folds on an H100, ``benchmarks/conv_layouts.py``); as a matrix product it becomes
+    one batched GEMM (about 1 ms). Only ``groups=1`` and ``dilation=1`` are supported.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.groups != 1 or self.dilation[0] != 1 or not isinstance(self.padding, tuple):
+            raise ValueError("UnfoldConv1d supports groups=1, dilation=1 and integer padding only")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel, stride, pad = self.kernel_size[0], self.stride[0], self.padding[0]
+        cols = F.pad(x, (pad, pad)).unfold(-1, kernel, stride)  # (B, C, L, kernel)
+        batch, chans, length, _ = cols.shape
+        cols = cols.transpose(1, 2).reshape(batch, length, chans * kernel)
+        out = cols @ self.weight.reshape(self.out_channels, chans * kernel).t()  # (B, L, C_out)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.transpose(1, 2)
+
+
 class MRCNN(nn.Module):
     """AttnSleep's multi-resolution CNN: two convolutional branches concatenated in time.
 
@@ -273,7 +302,7 @@ class MRCNN(nn.Module):
         super().__init__()
         self.n_out_channels = n_out_channels
         self.small_kernel_branch = nn.Sequential(
-            nn.Conv1d(n_chans, n_filters, kernel_size=50, stride=6, padding=24, bias=False),
+            UnfoldConv1d(n_chans, n_filters, kernel_size=50, stride=6, padding=24, bias=False),
             nn.BatchNorm1d(n_filters),
             nn.GELU(),
             nn.MaxPool1d(kernel_size=8, stride=2, padding=4),
@@ -287,7 +316,7 @@ class MRCNN(nn.Module):
             nn.MaxPool1d(kernel_size=4, stride=4, padding=2),
         )
         self.large_kernel_branch = nn.Sequential(
-            nn.Conv1d(n_chans, n_filters, kernel_size=400, stride=50, padding=200, bias=False),
+            UnfoldConv1d(n_chans, n_filters, kernel_size=400, stride=50, padding=200, bias=False),
             nn.BatchNorm1d(n_filters),
             nn.GELU(),
             nn.MaxPool1d(kernel_size=4, stride=2, padding=2),

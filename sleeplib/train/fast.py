@@ -15,8 +15,9 @@ How it is fast (measured in ``benchmarks/RESULTS.md``):
 * Adam (optionally AMSGrad) is a handful of element-wise operations on the ``(K, P)`` matrix, with
   a per-fold mask so folds whose epoch has fewer full batches skip the update exactly;
 * on CUDA the whole step (gather, forward, backward, Adam, metric sums) is captured once in a CUDA
-  graph and replayed, so the host issues one launch per step. bf16 autocast is refused for now:
-  BatchNorm's backward under vmap + autocast fails in torch 2.11 (``allow_bf16=True`` to retry).
+  graph and replayed, so the host issues one launch per step. With ``config.amp="bf16"`` the
+  forward runs under bf16 autocast, BatchNorm in fp32 (its vmapped bf16 backward fails in torch
+  2.11); parameters, Adam state and the loss stay fp32.
 
 Differences from the eager loop, all documented and per fold equivalent in distribution: dropout
 masks come from a different random stream (``vmap(randomness="different")``), and batch order
@@ -110,7 +111,6 @@ class BatchedFolds:
         cuda_graphs: bool | None = None,
         last_batch: str = "exact",
         record_batches: bool = False,
-        allow_bf16: bool = False,
     ):
         from torch.func import functional_call, stack_module_state  # noqa: F401  (fail early if missing)
 
@@ -135,11 +135,6 @@ class BatchedFolds:
         if self.use_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs=True needs a CUDA device")
         self.amp = config.amp == "bf16" and self.device.type == "cuda"
-        if self.amp and not allow_bf16:
-            # measured on torch 2.11 / H100: BatchNorm's backward under vmap + autocast fails with
-            # "Expected running_mean to have type BFloat16 but got Float"
-            raise ValueError("amp='bf16' is not supported by the batched engine (BatchNorm under vmap and "
-                             "autocast fails in torch 2.11); use amp='none' (TF32 matmuls) or engine='eager'")
         self.record_batches = record_batches
         self.orders: list[list[np.ndarray]] = []
 
@@ -183,6 +178,12 @@ class BatchedFolds:
             base.apply(init_weights_normal)
         base = base.to(self.device)
         self.skeleton = base
+        if self.amp:
+            # BatchNorm under vmap + bf16 autocast fails in torch 2.11 ("Expected running_mean to
+            # have type BFloat16 but got Float"): normalise in fp32, as autocast does elsewhere.
+            for module in base.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.register_forward_pre_hook(lambda _m, args: (args[0].float(), *args[1:]))
         self.param_names = [n for n, p in base.named_parameters() if p.requires_grad]
         self.param_shapes = [base.get_parameter(n).shape for n in self.param_names]
         self.param_sizes = [int(math.prod(s)) for s in self.param_shapes]

@@ -1,0 +1,183 @@
+"""Which layout runs AttnSleep's convolutions fastest when K folds train at once?
+
+Times forward + backward (input and weight gradients) of each MRCNN convolution for K fold models
+side by side, batch 128 per fold, in several implementations:
+
+* ``grouped1d``: ``conv1d`` on ``(B, K*C, L)`` with ``groups=K`` (what ``vmap`` produces);
+* ``grouped2d_cl``: the same as a ``conv2d`` with height 1 in channels-last memory format;
+* ``im2col_bmm``: unfold the input, one batched matrix product per layer (``(K, Cout, C*k)`` by
+  ``(K, C*k, B*L)``);
+* ``loop``: K ordinary convolutions one after another (the per-fold baseline).
+
+Also profiles one step of the current vmap engine and prints its top CUDA kernels.
+Run on a GPU: ``python benchmarks/conv_layouts.py``. Prints milliseconds per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+# (name, C_in, C_out, kernel, stride, padding, L_in) for Sleep-EDF at 100 Hz, 3000 samples
+LAYERS = [
+    ("small.conv1", 1, 64, 50, 6, 24, 3000),
+    ("small.conv2", 64, 128, 8, 1, 4, 251),
+    ("small.conv3", 128, 128, 8, 1, 4, 252),
+    ("large.conv1", 1, 64, 400, 50, 200, 3000),
+    ("large.conv2", 64, 128, 7, 1, 3, 31),
+    ("large.conv3", 128, 128, 7, 1, 3, 31),
+]
+
+
+def timeit(fn, reps=20, warmup=3):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / reps * 1e3
+
+
+def bench_layer(spec, K, B, dtype, dev):
+    name, cin, cout, k, s, p, L = spec
+    out = {}
+    x = torch.randn(B, K * cin, L, device=dev, dtype=dtype, requires_grad=cin > 1)
+    w = (torch.randn(K * cout, cin, k, device=dev, dtype=dtype) * 0.02).requires_grad_()
+
+    def grouped1d():
+        y = F.conv1d(x, w, stride=s, padding=p, groups=K)
+        y.sum().backward()
+
+    out["grouped1d"] = timeit(grouped1d)
+
+    x4 = x.detach().unsqueeze(2).contiguous(memory_format=torch.channels_last).requires_grad_(cin > 1)
+    w4 = w.detach().unsqueeze(2).contiguous(memory_format=torch.channels_last).requires_grad_()
+
+    def grouped2d_cl():
+        y = F.conv2d(x4, w4, stride=(1, s), padding=(0, p), groups=K)
+        y.sum().backward()
+
+    out["grouped2d_cl"] = timeit(grouped2d_cl)
+
+    xf = torch.randn(K, B, cin, L, device=dev, dtype=dtype, requires_grad=cin > 1)
+    wf = (torch.randn(K, cout, cin * k, device=dev, dtype=dtype) * 0.02).requires_grad_()
+
+    def im2col_bmm():
+        cols = F.pad(xf, (p, p)).unfold(-1, k, s)  # (K, B, C, L', k)
+        Lo = cols.shape[3]
+        cols = cols.permute(0, 2, 4, 1, 3).reshape(K, cin * k, B * Lo)
+        y = torch.bmm(wf, cols).view(K, cout, B, Lo)
+        y.sum().backward()
+
+    out["im2col_bmm"] = timeit(im2col_bmm)
+
+    xs = [torch.randn(B, cin, L, device=dev, dtype=dtype, requires_grad=cin > 1) for _ in range(K)]
+    ws = [(torch.randn(cout, cin, k, device=dev, dtype=dtype) * 0.02).requires_grad_() for _ in range(K)]
+
+    def loop():
+        for xi, wi in zip(xs, ws):
+            F.conv1d(xi, wi, stride=s, padding=p).sum().backward()
+
+    out["loop"] = timeit(loop, reps=5)
+    return out
+
+
+def profile_engine(dev, folds, amp=False):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from train_speed import synthetic_edf20
+    from sleeplib.models import build_model
+    from sleeplib.train.config import get_recipe
+    from sleeplib.train.fast import BatchedFolds
+
+    x, y, subject = synthetic_edf20(8000, 3000, 20, dev)
+    import numpy as np
+
+    idx = np.arange(len(y))
+    tr = [idx[subject != f] for f in range(folds)]
+    te = [idx[subject == f] for f in range(folds)]
+    cfg = get_recipe("attnsleep", epochs=1, amp="bf16" if amp else "none")
+    eng = BatchedFolds(lambda: build_model("attnsleep"), x, y, tr, te, [[1.0] * 5] * folds, cfg,
+                       device=dev, cuda_graphs=False)
+    from torch.profiler import ProfilerActivity, profile
+
+    eng.train_epoch()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        eng.train_epoch()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+
+
+def profile_single(dev, batch, amp):
+    """Top kernels of a plain single-model AttnSleep training step (eager)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from sleeplib.models import build_model
+
+    model = build_model("attnsleep").to(dev)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-3, amsgrad=True, fused=True)
+    x = torch.randn(batch, 1, 3000, device=dev) * 20
+    y = torch.randint(0, 5, (batch,), device=dev)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    ms = timeit(step, reps=30)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    return ms, prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--folds", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--engine-profile-only", action="store_true",
+                    help="only profile the batched engine's step (fp32 and bf16)")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    results = {}
+    if args.engine_profile_only:
+        for amp in (False, True):
+            print(f"batched engine, {args.folds} folds, bf16={amp}")
+            print(profile_engine(dev, args.folds, amp))
+        return
+    for dtype in (torch.float32, torch.bfloat16):
+        for spec in LAYERS:
+            r = bench_layer(spec, args.folds, args.batch, dtype, dev)
+            results[f"{spec[0]}/{str(dtype)[6:]}"] = r
+            print(f"{spec[0]:12s} {str(dtype)[6:]:9s} " + "  ".join(f"{k} {v:7.2f} ms" for k, v in r.items()), flush=True)
+    if args.profile:
+        for amp in (False, True):
+            ms, table = profile_single(dev, args.batch, amp)
+            results[f"single_step_ms/amp={amp}"] = ms
+            print(f"single AttnSleep step, batch {args.batch}, bf16={amp}: {ms:.2f} ms")
+            print(table)
+        print(profile_engine(dev, min(args.folds, 20)))
+    out = os.environ.get("OUT")
+    if out:
+        Path(out, "conv_layouts.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
