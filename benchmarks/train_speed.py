@@ -105,7 +105,7 @@ def batched(model_name, x, y, train, test, args, config, epochs):
     t_build = time.perf_counter()
     engine = BatchedFolds(lambda: build_model(model_name, n_times=x.shape[-1]), x, y, train, test,
                           [[1.0] * 5] * len(train), config, device=args.device, cuda_graphs=args.graphs,
-                          last_batch=args.last_batch)
+                          last_batch=args.last_batch, compile=args.compile)
     sync(args.device)
     build = time.perf_counter() - t_build
     epoch_times = []
@@ -131,7 +131,10 @@ def main(argv=None):
     p.add_argument("--graphs", type=int, default=None, help="1/0: force CUDA graphs on/off (default: on CUDA)")
     p.add_argument("--last-batch", default="exact", choices=["exact", "drop"])
     p.add_argument("--naive-steps", type=int, default=50)
+    p.add_argument("--compile", action="store_true", help="torch.compile the vmapped forward (experimental)")
     p.add_argument("--skip-naive", action="store_true")
+    p.add_argument("--skip-batched", action="store_true",
+                   help="naive loop only (models that cannot run under vmap, e.g. attnsleep_msmp)")
     p.add_argument("--full", action="store_true", help="also run the whole 20 x 100 schedule")
     p.add_argument("--schedule-folds", type=int, default=20)
     p.add_argument("--schedule-epochs", type=int, default=100)
@@ -154,6 +157,11 @@ def main(argv=None):
         out.update(naive_s_per_fold_epoch=s_epoch, naive_s_per_step=s_step)
         print(f"naive eager fp32 DataLoader: {s_step * 1e3:.1f} ms/step, {s_epoch:.2f} s per fold-epoch")
 
+    if args.skip_batched:
+        path = args.json or (os.path.join(os.environ["OUT"], "train_speed.json") if os.environ.get("OUT") else None)
+        if path:
+            Path(path).write_text(json.dumps(out, indent=2, default=float))
+        return out
     engine, build, times = batched(args.model, x, y, train, test, args, config, args.epochs)
     steady = float(np.median(times[1:])) if len(times) > 1 else times[0]
     per_fold_epoch = steady / args.folds
@@ -179,7 +187,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         eng = BatchedFolds(lambda: build_model(args.model, n_times=x.shape[-1]), x, y, train_s, test_s,
                            [[1.0] * 5] * len(train_s), config_full, device=args.device, cuda_graphs=args.graphs,
-                           last_batch=args.last_batch)
+                           last_batch=args.last_batch, compile=args.compile)
         outcomes = eng.fit(progress=False)
         sync(args.device)
         measured = time.perf_counter() - t0

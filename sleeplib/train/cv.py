@@ -130,6 +130,7 @@ def run_cv(
     engine: str = "eager",
     model_kwargs: dict[str, Any] | None = None,
     fold_batch: int | None = None,
+    compile: bool | None = None,
 ) -> CVResults:
     """Cross-validate ``model_name`` on ``nights`` and save every fold's test predictions.
 
@@ -158,6 +159,10 @@ def run_cv(
         "eager": :func:`sleeplib.train.trainer.fit`, one fold after another, resumable per epoch.
         "batched": :class:`sleeplib.train.fast.BatchedFolds`, ``fold_batch`` folds at once (all by
         default); fastest on CUDA, also runs on CPU.
+    compile : bool, optional
+        ``engine="batched"`` only: fuse the vmapped forward and backward with ``torch.compile``
+        (default: on CUDA). Costs about 95 s of compilation once per process; on an H100 it
+        halves the time per fold-epoch (``benchmarks/RESULTS.md``).
 
     Returns
     -------
@@ -232,7 +237,8 @@ def run_cv(
             weights = [weights_for(splits[k], r) for k, r in zip(ks, rows)]
             cw = None if all(w is None for w in weights) else [w if w is not None else [1.0] * 5 for w in weights]
             engine_ = BatchedFolds(make_model, torch.from_numpy(x), torch.from_numpy(y),
-                                   [r["train"] for r in rows], [r["val"] for r in rows], cw, config, device=device)
+                                   [r["train"] for r in rows], [r["val"] for r in rows], cw, config, device=device,
+                                   compile=(torch.device(device).type == "cuda") if compile is None else compile)
             ckpt = out_dir / f"batched_{ks[0]:02d}-{ks[-1]:02d}.pt"
             outcomes = engine_.fit(checkpoint=ckpt)
             for k, r, w, out in zip(ks, rows, weights, outcomes):
