@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sleeplib.train import trainer as engine  # noqa: E402
 from sleeplib.train.batching import ArraySet  # noqa: E402
 from sleeplib.train.losses import get_seq_loss  # noqa: E402
-from sleeplib.train.recipes_seq import DEEPSLEEPNET_FINETUNE, SLEEPEEGNET, rmsprop_support  # noqa: E402
+from sleeplib.train.recipes_seq import DEEPSLEEPNET_FINETUNE, SLEEPEEGNET  # noqa: E402
 from sleeplib.train.sequence import NightSequenceBatcher, Seq2SeqBatcher, detach_state, night_bounds  # noqa: E402
 
 
@@ -149,23 +149,22 @@ def bench_sleepeegnet(args, device) -> dict:
     loss_fn = get_seq_loss("mfe", L)
     kw = dict(sfreq=args.sfreq, n_times=int(30 * args.sfreq), lstm_hidden=args.lstm_hidden_seg)
 
-    with rmsprop_support():
-        resident = data.to(device)
-        warm = SleepEEGNet(**kw).to(device)
-        n = args.batch_size_seg * L
-        warm(resident.x[:n].reshape(args.batch_size_seg, L, *resident.x.shape[1:]),
-             targets=resident.y[:n].reshape(args.batch_size_seg, L)).sum().backward()
-        torch.manual_seed(0)
-        model = SleepEEGNet(**kw)
-        _sync(device)
-        t0 = time.perf_counter()
-        engine.fit(model, resident, None, config=config, batcher=Seq2SeqBatcher(L), loss_fn=loss_fn, device=device)
-        _sync(device)
-        engine_s = (time.perf_counter() - t0) / args.epochs
+    resident = data.to(device)
+    warm = SleepEEGNet(**kw).to(device)
+    n = args.batch_size_seg * L
+    warm(resident.x[:n].reshape(args.batch_size_seg, L, *resident.x.shape[1:]),
+         targets=resident.y[:n].reshape(args.batch_size_seg, L)).sum().backward()
+    torch.manual_seed(0)
+    model = SleepEEGNet(**kw)
+    _sync(device)
+    t0 = time.perf_counter()
+    engine.fit(model, resident, None, config=config, batcher=Seq2SeqBatcher(L), loss_fn=loss_fn, device=device)
+    _sync(device)
+    engine_s = (time.perf_counter() - t0) / args.epochs
 
-        torch.manual_seed(0)
-        model = SleepEEGNet(**kw).to(device)
-        optimizer = engine.build_optimizer(model, config)
+    torch.manual_seed(0)
+    model = SleepEEGNet(**kw).to(device)
+    optimizer = engine.build_optimizer(model, config)
     x_seq = data.x.numpy().reshape(n_seq, L, *data.x.shape[1:])
     y_seq = data.y.numpy().reshape(n_seq, L)
     rng = np.random.default_rng(0)

@@ -31,11 +31,13 @@ class TrainConfig:
         Training batch size (epochs, or sequences for a sequence batcher).
     eval_batch_size : int
         Batch size for validation/test inference (no gradients, so it can be larger).
-    optimizer : {"adam", "adamw", "sgd"}
-        Optimiser (torch.optim). ``weight_decay`` is L2 added to the gradient for adam/sgd
+    optimizer : {"adam", "adamw", "sgd", "rmsprop"}
+        Optimiser (torch.optim). ``weight_decay`` is L2 added to the gradient for adam/sgd/rmsprop
         (as in torch.optim.Adam), decoupled for adamw.
     lr, weight_decay, betas, eps, amsgrad, momentum :
         Optimiser settings (``momentum`` for sgd only).
+    rmsprop_alpha, rmsprop_eps : float
+        RMSProp's decay and epsilon (TensorFlow's defaults, 0.9 and 1e-10, as SleepEEGNet used).
     param_groups : list of dict
         Per-parameter-group settings, e.g. DeepSleepNet's
         ``[{"match": "feature", "lr": 1e-6}, {"match": "lstm", "lr": 1e-4}]``: a parameter goes to
@@ -86,6 +88,8 @@ class TrainConfig:
     eps: float = 1e-8
     amsgrad: bool = True
     momentum: float = 0.9
+    rmsprop_alpha: float = 0.9
+    rmsprop_eps: float = 1e-10
     param_groups: list[dict[str, Any]] = field(default_factory=list)
     lr_schedule: str = "set_after"
     lr_milestones: dict[int, float] = field(default_factory=lambda: {10: 1e-4})
@@ -118,7 +122,8 @@ class TrainConfig:
             (self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
-            (self.optimizer in ("adam", "adamw", "sgd"), f"optimizer must be adam, adamw or sgd, got {self.optimizer!r}"),
+            (self.optimizer in ("adam", "adamw", "sgd", "rmsprop"),
+             f"optimizer must be adam, adamw, sgd or rmsprop, got {self.optimizer!r}"),
             (
                 self.lr_schedule in ("none", "set_after", "step", "cosine"),
                 f"lr_schedule must be none, set_after, step or cosine, got {self.lr_schedule!r}",

@@ -111,6 +111,7 @@ class BatchedFolds:
         cuda_graphs: bool | None = None,
         last_batch: str = "exact",
         record_batches: bool = False,
+        compile: bool = False,
     ):
         from torch.func import functional_call, stack_module_state  # noqa: F401  (fail early if missing)
 
@@ -226,6 +227,8 @@ class BatchedFolds:
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.graph = None
         self._eager_steps_before_capture = 3
+        # experimental: fuse the vmapped training forward (and its backward) with torch.compile
+        self._compiled_forward = torch.compile(self._forward_all_eager, dynamic=False) if compile else None
 
     # ------------------------------------------------------------------ functional model
     def _params(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -237,6 +240,11 @@ class BatchedFolds:
         return out
 
     def _forward_all(self, flat, buffers, xb):
+        if self._compiled_forward is not None and self.skeleton.training and xb.shape[1] == self.B:
+            return self._compiled_forward(flat, buffers, xb)
+        return self._forward_all_eager(flat, buffers, xb)
+
+    def _forward_all_eager(self, flat, buffers, xb):
         from torch.func import functional_call, vmap
 
         def one(params, bufs, x):
@@ -444,7 +452,7 @@ class BatchedFolds:
         ``checkpoint``: file saved (atomically) every ``config.checkpoint_every`` epochs and at the
         end; when it exists, training continues from it.
         """
-        from tqdm.auto import tqdm
+        from tqdm import tqdm  # text bars render in the HTML reports; widget bars do not
 
         epochs = self.config.epochs if epochs is None else epochs
         progress = self.config.progress if progress is None else progress

@@ -42,7 +42,6 @@ TF's defaults.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import tempfile
 import time
 from dataclasses import dataclass
@@ -106,67 +105,19 @@ class SeqTrainConfig(TrainConfig):
         pre-training: ``"balanced"`` or ``"none"``.
     select_every : int
         SleepEEGNet: evaluate the selection set every this many epochs (``test_step=5``).
-    rmsprop_alpha, rmsprop_eps : float
-        RMSProp decay and epsilon (TF defaults 0.9 and 1e-10).
-
-    Also accepts ``optimizer="rmsprop"`` (the engine's ``TrainConfig`` knows adam/adamw/sgd; the
-    trainer builds RMSProp through :func:`rmsprop_support`).
     """
 
     seq_length: int = 25
     teacher_forcing: bool = True
     oversample: str = "none"
     select_every: int = 5
-    rmsprop_alpha: float = 0.9
-    rmsprop_eps: float = 1e-10
 
     def validate(self) -> None:
-        optimizer = self.optimizer
-        try:
-            if optimizer == "rmsprop":
-                self.optimizer = "sgd"  # let the engine check everything else
-            super().validate()
-        finally:
-            self.optimizer = optimizer
+        super().validate()
         if self.seq_length < 1:
             raise ValueError(f"SeqTrainConfig: seq_length must be >= 1, got {self.seq_length}")
         if self.select_every < 1:
             raise ValueError(f"SeqTrainConfig: select_every must be >= 1, got {self.select_every}")
-
-
-@contextlib.contextmanager
-def rmsprop_support():
-    """Let :func:`~sleeplib.train.trainer.fit` build ``optimizer="rmsprop"`` while inside.
-
-    The engine's ``build_optimizer`` knows Adam, AdamW and SGD. Inside this context its
-    module-level function is wrapped: an RMSProp config gets the engine's parameter groups (with
-    their ``base_lr`` for the schedule) under ``torch.optim.RMSprop``; anything else is passed
-    through unchanged. The original is restored on exit.
-    """
-    original = _trainer.build_optimizer
-    if getattr(original, "handles_rmsprop", False):
-        yield
-        return
-
-    def build_optimizer(model, config):
-        if config.optimizer != "rmsprop":
-            return original(model, config)
-        sgd = original(model, dataclasses.replace(config, optimizer="sgd"))
-        groups = []
-        for group in sgd.param_groups:
-            g = {k: v for k, v in group.items() if k not in ("momentum", "dampening", "nesterov", "maximize",
-                                                                "foreach", "differentiable", "fused")}
-            groups.append(g)
-        return torch.optim.RMSprop(groups, lr=config.lr, alpha=getattr(config, "rmsprop_alpha", 0.9),
-                                   eps=getattr(config, "rmsprop_eps", 1e-10), weight_decay=config.weight_decay,
-                                   momentum=0.0)
-
-    build_optimizer.handles_rmsprop = True
-    _trainer.build_optimizer = build_optimizer
-    try:
-        yield
-    finally:
-        _trainer.build_optimizer = original
 
 
 # ------------------------------------------------------------------------------------------- recipes
@@ -317,7 +268,6 @@ def train_sleepeegnet(train: ArraySet, select: ArraySet | None = None, *, sfreq:
         stops.append(config.epochs)
     best_f1, best_epoch, best_state, scores, done = 0.0, stops[-1], None, {}, 0
     with contextlib.ExitStack() as stack:
-        stack.enter_context(rmsprop_support())
         run_dir = _run_dir(out_dir, "sleepeegnet", stack)
         # The selection (scores, kept weights) is saved beside the trainer's checkpoint after every
         # evaluation, so a resumed or finished run keeps the checkpoint it had chosen.

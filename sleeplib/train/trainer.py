@@ -117,6 +117,9 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
     if config.optimizer == "adamw":
         return torch.optim.AdamW(param_groups, lr=config.lr, betas=config.betas, eps=config.eps,
                                  weight_decay=config.weight_decay, amsgrad=config.amsgrad)
+    if config.optimizer == "rmsprop":
+        return torch.optim.RMSprop(param_groups, lr=config.lr, alpha=config.rmsprop_alpha, eps=config.rmsprop_eps,
+                                   weight_decay=config.weight_decay, momentum=0.0)
     return torch.optim.SGD(param_groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
@@ -285,7 +288,7 @@ def fit(
     -------
     FitResult
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # text bars render in the HTML reports; widget bars do not
 
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
