@@ -16,7 +16,7 @@ table; ``--out`` also writes them to a file.
 
 CPU here with tiny sizes, e.g.::
 
-    python benchmarks/train_speed_seq.py --nights 4 --epochs-per-night 100 --lstm-hidden 16 --epochs 1
+    python benchmarks/train_speed_seq.py --nights 2 --epochs-per-night 260 --lstm-hidden 16 --lstm-hidden-seg 16 --epochs 1
 
 On a CUDA GPU with the papers' sizes (the lead runs this)::
 
