@@ -168,3 +168,14 @@ def test_batched_folds_compiled_forward_matches_eager():
         engine.fit()
         runs[compiled] = engine.flat.detach().clone()
     torch.testing.assert_close(runs[True], runs[False], rtol=1e-4, atol=1e-5)
+
+
+def test_batched_engine_falls_back_to_eager_for_models_vmap_cannot_run(tmp_path, monkeypatch):
+    import sleeplib.models as models
+
+    monkeypatch.setitem(models.MODELS, "tinynet", TinyNet)
+    monkeypatch.setattr(models, "NOT_VMAPPABLE", models.NOT_VMAPPABLE | {"tinynet"})
+    with pytest.warns(UserWarning, match="using engine='eager'"):
+        res = run_cv("tinynet", _nights(2), protocol="paper", folds=[0], config=CFG.replace(epochs=1),
+                     out_dir=tmp_path, engine="batched")
+    assert len(res.predictions) == 40

@@ -19,6 +19,7 @@ from .sleepeegnet import SleepEEGNet
 __all__ = [
     "MODELS",
     "SEQUENCE_MODELS",
+    "NOT_VMAPPABLE",
     "build_model",
     "AttnSleep",
     "AttnSleepConformer",
@@ -42,6 +43,10 @@ SEQUENCE_MODELS = frozenset({"deepsleepnet", "sleepeegnet"})
 """Models taking ``(B, L, C, T)``. ``DeepSleepNet.forward(x, state=None)`` returns
 ``(logits, new_state)``; ``SleepEEGNet.forward(x, targets=None, teacher_forcing=True)`` returns
 logits. All others are epoch models ``forward(x, return_feats=False)``."""
+
+# Models that cannot be trained several folds at once under torch.func.vmap: AttnSleepMSMP picks
+# its FFT periods per batch (data-dependent shapes) and runs a GRU, which vmap does not support.
+NOT_VMAPPABLE = frozenset({"attnsleep_msmp"}) | SEQUENCE_MODELS
 
 
 def build_model(name: str, **kwargs) -> nn.Module:

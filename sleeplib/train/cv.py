@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -173,6 +174,12 @@ def run_cv(
 
     if engine not in ("eager", "batched"):
         raise ValueError(f"engine must be 'eager' or 'batched', got {engine!r}")
+    from sleeplib.models import NOT_VMAPPABLE
+
+    if engine == "batched" and model_name in NOT_VMAPPABLE:
+        warnings.warn(f"{model_name} cannot train several folds at once (vmap); using engine='eager'",
+                      stacklevel=2)
+        engine = "eager"
     if config is None:
         config = get_recipe("attnsleep")
     elif isinstance(config, str):
