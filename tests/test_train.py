@@ -63,6 +63,21 @@ def test_resume_after_interruption_gives_identical_weights(tmp_path):
         fit(TinyNet(), train, val, config=CFG.replace(lr=5e-3), out_dir=tmp_path / "b")
 
 
+def test_finished_run_keeps_only_its_result_and_reloads_it(tmp_path):
+    x, y = _data()
+    train, val = ArraySet.from_arrays(x[:120], y[:120]), ArraySet.from_arrays(x[120:], y[120:])
+    cfg = CFG.replace(epochs=2)
+    done = fit(TinyNet(), train, val, config=cfg, out_dir=tmp_path)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert ckpt["optimizer"] is None and ckpt["model"] is None and ckpt["best_state"]
+    again = fit(TinyNet(), train, val, config=cfg, out_dir=tmp_path)  # returns at once, same result
+    assert again.best_epoch == done.best_epoch
+    for key in done.best_state:
+        assert torch.equal(done.best_state[key], again.best_state[key]), key
+    with pytest.raises(ValueError, match="cannot continue to 3 epochs"):
+        fit(TinyNet(), train, val, config=cfg.replace(epochs=3), out_dir=tmp_path)
+
+
 @pytest.mark.slow
 def test_training_learns_and_selects_best_epoch():
     x, y = _data(400)
