@@ -115,6 +115,7 @@ class NotebookRun:
     error: str = ""
     key: dict[str, Any] = field(default_factory=dict)
     synthetic: bool | None = None
+    comparable: bool | None = None  # the notebook's own "comparable_to_paper" verdict, if it gives one
 
 
 def _to_html(nb_path: Path, html_path: Path) -> None:
@@ -156,13 +157,14 @@ def run_notebook(path: Path, profile: str, out_dir: Path, kernel: str = "python3
     seconds = time.perf_counter() - start
     if out_nb.exists():
         _to_html(out_nb, out_dir / f"{stem}.html")
-    key, synthetic = {}, None
+    key, synthetic, comparable = {}, None, None
     if report_json.exists():
         data = json.loads(report_json.read_text())
         key, synthetic = data.get("key", {}), data.get("synthetic_data")
+        comparable = (data.get("results") or {}).get("comparable_to_paper")
     elif status == "ok":
         status, error = "failed", f"the notebook did not write {report_json.name}"
-    return NotebookRun(stem, status, seconds, error, key, synthetic)
+    return NotebookRun(stem, status, seconds, error, key, synthetic, comparable)
 
 
 def _fmt(value: Any) -> str:
@@ -179,6 +181,8 @@ def write_index(runs: Sequence[NotebookRun], profile: str, out_dir: Path) -> Pat
         figures = ", ".join(f"{html.escape(str(k))}: {html.escape(_fmt(v))}" for k, v in r.key.items())
         if r.synthetic:
             figures = "<b>SYNTHETIC DATA (smoke test, not a result)</b>" + (f"; {figures}" if figures else "")
+        elif r.comparable is False:
+            figures = "<b>not comparable to the paper</b> (see the report's caveats)" + (f"; {figures}" if figures else "")
         rows.append(
             f"<tr><td><a href='{r.stem}.html'>{r.stem}</a></td>"
             f"<td style='color:{colour}'>{r.status}</td><td>{r.seconds:.1f} s</td>"

@@ -106,3 +106,13 @@ def test_notebook_without_report_fails_and_index_lists_runs(fake_root, tmp_path)
     index = workbook.write_index(runs, "demo", out).read_text()
     assert "01_ok.html" in index and "02_silent.html" in index
     assert "SYNTHETIC DATA" in index and "epochs: 42" in index
+
+
+def test_index_flags_results_not_comparable_to_the_paper(tmp_path):
+    runs = [workbook.NotebookRun("11_x", "ok", 1.0, key={"accuracy": 0.21}, synthetic=False, comparable=False),
+            workbook.NotebookRun("12_y", "ok", 1.0, key={"accuracy": 0.84}, synthetic=False, comparable=True)]
+    rows = workbook.write_index(runs, "sample", tmp_path).read_text().split("<tr>")
+    row_x = next(r for r in rows if "11_x.html" in r)
+    row_y = next(r for r in rows if "12_y.html" in r)
+    assert "not comparable to the paper" in row_x and "accuracy: 0.21" in row_x
+    assert "not comparable" not in row_y
