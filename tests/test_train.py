@@ -194,3 +194,13 @@ def test_batched_engine_falls_back_to_eager_for_models_vmap_cannot_run(tmp_path,
         res = run_cv("tinynet", _nights(2), protocol="paper", folds=[0], config=CFG.replace(epochs=1),
                      out_dir=tmp_path, engine="batched")
     assert len(res.predictions) == 40
+
+
+def test_auto_engine_is_eager_on_cpu(tmp_path, monkeypatch):
+    import sleeplib.models as models
+
+    monkeypatch.setitem(models.MODELS, "tinynet", TinyNet)
+    res = run_cv("tinynet", _nights(2), protocol="paper", folds=[0], config=CFG.replace(epochs=1),
+                 out_dir=tmp_path, engine="auto")
+    assert (tmp_path / "fold_00" / "fold.json").read_text().count('"eager"') == 1
+    assert len(res.predictions) == 40

@@ -156,10 +156,11 @@ def run_cv(
         "sleep-edf-20" / "sleep-edf-78" select AttnSleep's published permutation and fold count.
     n_folds : int, optional
         Folds when no published split applies (default: one subject per fold; 5 for time-block).
-    engine : {"eager", "batched"}
+    engine : {"eager", "batched", "auto"}
         "eager": :func:`sleeplib.train.trainer.fit`, one fold after another, resumable per epoch.
         "batched": :class:`sleeplib.train.fast.BatchedFolds`, ``fold_batch`` folds at once (all by
-        default); fastest on CUDA, also runs on CPU.
+        default); 21x the naive loop on an H100, but 2x slower than it on a 2-core CPU
+        (``benchmarks/RESULTS.md``). "auto": batched on CUDA, eager elsewhere.
     compile : bool, optional
         ``engine="batched"`` only: fuse the vmapped forward and backward with ``torch.compile``
         (default: on CUDA). Costs about 95 s of compilation once per process; on an H100 it
@@ -172,8 +173,10 @@ def run_cv(
     """
     from sleeplib.models import build_model
 
-    if engine not in ("eager", "batched"):
-        raise ValueError(f"engine must be 'eager' or 'batched', got {engine!r}")
+    if engine not in ("eager", "batched", "auto"):
+        raise ValueError(f"engine must be 'eager', 'batched' or 'auto', got {engine!r}")
+    if engine == "auto":  # the batched engine pays off on a GPU only (2x slower on 2 CPU cores)
+        engine = "batched" if torch.device(device).type == "cuda" else "eager"
     from sleeplib.models import NOT_VMAPPABLE
 
     if engine == "batched" and model_name in NOT_VMAPPABLE:
