@@ -125,6 +125,26 @@ def macro_gmean(y_true, y_pred, labels: Sequence[int] = _LABELS) -> float:
     return float(table.loc[present, "gmean"].mean())
 
 
+def headline_from_confusion(cm: np.ndarray) -> dict:
+    """Accuracy, macro-F1 and Cohen's kappa of one confusion matrix (rows true, columns predicted).
+
+    The same definitions as :func:`summarize` (macro-F1 over the classes present in truth or
+    prediction), computed from counts: the training engines accumulate confusion matrices on the
+    device and select epochs with this, so eager and batched training score alike.
+    """
+    cm = np.asarray(cm, dtype=np.float64)
+    total = cm.sum()
+    tp = np.diag(cm)
+    accuracy = tp.sum() / total
+    rows, cols = cm.sum(1), cm.sum(0)
+    present = (rows + cols) > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = np.where(present, 2 * tp / (rows + cols), 0.0)
+    expected = (rows * cols).sum() / total**2
+    kappa = (accuracy - expected) / (1 - expected) if expected < 1 else 0.0
+    return {"accuracy": float(accuracy), "macro_f1": float(f1[present].mean()), "kappa": float(kappa)}
+
+
 def summarize(y_true, y_pred, labels: Sequence[int] = _LABELS) -> dict:
     """Headline metrics of one set of predictions.
 

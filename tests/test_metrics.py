@@ -52,3 +52,17 @@ def test_fold_summary_pools_and_averages():
 def test_bad_input_is_explained():
     with pytest.raises(ValueError, match="one prediction per epoch"):
         summarize([0, 1], [0])
+
+
+def test_headline_from_confusion_matches_scikit_learn():
+    """The engines' per-epoch scores (from confusion counts) equal summarize()'s, absent classes too."""
+    from sleeplib.metrics import confusion_matrix, headline_from_confusion, summarize
+
+    rng = np.random.default_rng(3)
+    for present in ([0, 1, 2, 3, 4], [0, 2, 4], [1, 2]):
+        y_true = rng.choice(present, 300)
+        y_pred = np.where(rng.random(300) < 0.6, y_true, rng.choice([0, 1, 2, 3, 4], 300))
+        expected = summarize(y_true, y_pred)
+        got = headline_from_confusion(confusion_matrix(y_true, y_pred))
+        for name in ("accuracy", "macro_f1", "kappa"):
+            assert got[name] == pytest.approx(expected[name], abs=1e-12), (present, name)

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from sleeplib.io import atomic_path
+from sleeplib.metrics import headline_from_confusion
 from sleeplib.train.config import TrainConfig, lr_factor
 
 __all__ = ["BatchedFolds", "FoldOutcome"]
@@ -55,20 +56,6 @@ class FoldOutcome:
     best_state: dict
     val_probs: np.ndarray
     stopped_early: bool = False
-
-
-def _metrics_from_confusion(cm: np.ndarray) -> tuple[float, float, float]:
-    """Accuracy, macro-F1 (classes present in truth or prediction) and Cohen's kappa of one matrix."""
-    total = cm.sum()
-    tp = np.diag(cm).astype(np.float64)
-    acc = tp.sum() / total
-    rows, cols = cm.sum(1), cm.sum(0)
-    present = (rows + cols) > 0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        f1 = np.where(rows + cols > 0, 2 * tp / (rows + cols), 0.0)
-    expected = (rows * cols).sum() / total**2
-    kappa = (acc - expected) / (1 - expected) if expected < 1 else 0.0
-    return float(acc), float(f1[present].mean()), float(kappa)
 
 
 class BatchedFolds:
@@ -422,10 +409,11 @@ class BatchedFolds:
         for k in range(self.K):
             if not was_alive[k]:
                 continue
-            acc, mf1, kappa = _metrics_from_confusion(cm[k])
+            scores = headline_from_confusion(cm[k])
             row = {"epoch": self.epoch, "lr": self.config.lr * lr_factor(self.config, self.epoch),
                    "train_loss": loss_sum[k] / seen[k], "train_acc": correct[k] / seen[k],
-                   "val_loss": float(val_loss[k]), "val_accuracy": acc, "val_macro_f1": mf1, "val_kappa": kappa,
+                   "val_loss": float(val_loss[k]), "val_accuracy": scores["accuracy"],
+                   "val_macro_f1": scores["macro_f1"], "val_kappa": scores["kappa"],
                    "seconds": seconds}
             self.histories[k].append(row)
             score = row["val_loss" if monitor == "loss" else f"val_{monitor}"]

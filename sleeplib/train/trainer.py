@@ -184,15 +184,10 @@ class FitResult:
 
 
 def _score(monitor: str, y_true: np.ndarray, probs: np.ndarray, loss: float) -> dict:
-    from sklearn.metrics import cohen_kappa_score, f1_score
+    from sleeplib.metrics import confusion_matrix, headline_from_confusion
 
-    y_pred = probs.argmax(1)
-    return {
-        "val_loss": loss,
-        "val_accuracy": float((y_pred == y_true).mean()),
-        "val_macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
-        "val_kappa": float(cohen_kappa_score(y_true, y_pred, labels=list(range(probs.shape[1])))),
-    }
+    scores = headline_from_confusion(confusion_matrix(y_true, probs.argmax(1), labels=range(probs.shape[1])))
+    return {"val_loss": loss, **{f"val_{name}": value for name, value in scores.items()}}
 
 
 def _improved(monitor: str, score: float, best: float) -> bool:
