@@ -42,7 +42,6 @@ SYNTHETIC_BANNER = "SYNTHETIC DATA - smoke test only, not a result"
 #: EEG, EOG and chin EMG of Sleep-Cassette, as named in its EDF files.
 EXPLORE_CHANNELS = ("EEG Fpz-Cz", "EOG horizontal", "EMG submental")
 
-_SLEEP_EDF = ("sleep-edf-20", "sleep-edf-78", "sleep-edf-st")
 
 
 def synthetic_banner(synthetic: bool) -> str:
@@ -93,36 +92,21 @@ def load_raw_night(
         A generated night is the one :func:`~sleeplib.data.prepare.prepare` writes for the same
         subject and night (same seed).
     """
+    from sleeplib.data.prepare import load_raw_night as read_night
     from sleeplib.data.records import parse_nights, parse_subjects
 
-    if subject is None and subjects is not None:
-        subject = parse_subjects(subjects)[0]
-    if night is None and nights is not None:
-        night = parse_nights(nights)[0]
-    if dataset == "synthetic":
-        from sleeplib.data.prepare import prepare_params
-        from sleeplib.data.synthetic import synthetic_night
+    if subject is None:
+        subject = parse_subjects(subjects)[0] if subjects is not None else (0 if dataset == "synthetic" else None)
+    if night is None:
+        night = parse_nights(nights)[0] if nights is not None else 1
+    if subject is None and dataset == "sample":
+        from sleeplib.data.sample import SAMPLE_SUBJECT
 
-        subject = 0 if subject is None else int(subject)
-        night = 1 if night is None else int(night)
-        n_epochs = prepare_params("synthetic", synthetic_epochs=synthetic_epochs)["synthetic_epochs"]
-        # Same seed as sleeplib.data.prepare uses, so the explored night is the prepared one.
-        return synthetic_night(n_epochs=n_epochs, subject=subject, night=night, seed=1000 * subject + night)
-    if dataset == "sample":
-        from sleeplib.data.sample import read_sample
-
-        return read_sample()
-    if dataset in _SLEEP_EDF:
-        from sleeplib.data.download import fetch_records
-        from sleeplib.data.raw import read_edf_night
-        from sleeplib.data.records import select_records
-
-        table = select_records(dataset, None if subject is None else [int(subject)],
-                               None if night is None else [int(night)])
-        row = table.iloc[[0]]
-        (psg, hyp), = fetch_records(row, data_dir=data_dir, mirror=mirror, progress=False)
-        return read_edf_night(psg, hyp, list(channels), dataset=dataset)
-    raise ValueError(f"load_raw_night does not know dataset {dataset!r}; use synthetic, sample or {_SLEEP_EDF}")
+        subject = SAMPLE_SUBJECT
+    if subject is None:
+        raise ValueError(f"load_raw_night needs a subject (or the notebook's subjects) for {dataset!r}")
+    return read_night(dataset, subject, night, channels=channels, data_dir=data_dir, mirror=mirror,
+                      synthetic_epochs=synthetic_epochs)
 
 
 # --------------------------------------------------------------------------------------------------

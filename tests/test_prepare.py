@@ -237,3 +237,18 @@ def test_prepare_sleep_edf_from_mirror(sleep_edfx_mirror, tmp_path):
     again = prepare("sleep-edf-20", subjects=[0], nights=[1], data_dir=tmp_path,
                     mirror=(tmp_path / "no-such-mirror").as_uri(), progress=False)
     assert again == paths
+
+
+def test_load_raw_night_is_the_night_prepare_writes(tmp_path):
+    """Raw signals shown in the notebooks come from the same reader, seeds and channels as prepare()."""
+    from sleeplib.data.dataset import load_night
+    from sleeplib.data.prepare import load_raw_night
+
+    (path,) = prepare("synthetic", subjects=[1], nights=[2], data_dir=tmp_path, synthetic_epochs=60, progress=False)
+    raw = load_raw_night("synthetic", 1, 2, synthetic_epochs=60)
+    x, y = epoch_night(raw)
+    prepared = load_night(path)
+    np.testing.assert_array_equal(y, prepared.y)
+    np.testing.assert_array_equal(x, prepared.x)
+    with pytest.raises(ValueError, match="subject 13 has no night 2"):
+        load_raw_night("sleep-edf-20", 13, 2, data_dir=tmp_path)

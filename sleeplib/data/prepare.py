@@ -45,6 +45,7 @@ __all__ = [
     "prepare_params",
     "prepared_key",
     "prepared_dir",
+    "load_raw_night",
     "prepare",
 ]
 
@@ -438,6 +439,41 @@ def _jobs(dataset, subjects, nights, params, data_dir, mirror, progress, shhs_di
             for rec, subj, psg, xml in find_shhs_nights(shhs_dir, None if subjects is None else _as_ints(subjects))
         ]
     raise ValueError(f"unknown dataset {dataset!r}; choose one of {DATASETS}")
+
+
+def load_raw_night(
+    dataset: str,
+    subject: int,
+    night: int,
+    channels: Sequence[str] | None = None,
+    data_dir: str | os.PathLike | None = None,
+    mirror: str | None = None,
+    shhs_dir: str | os.PathLike | None = None,
+    synthetic_epochs: int | None = None,
+) -> RawNight:
+    """One night's raw signals and hypnogram, exactly as :func:`prepare` reads it before epoching.
+
+    Same datasets, downloads (verified, only if missing) and synthetic seeds as :func:`prepare`,
+    so that a notebook looking at raw signals sees the night it trains on.
+
+    Parameters
+    ----------
+    dataset : str
+        One of :data:`DATASETS`.
+    subject, night : int
+        The night to read.
+    channels : sequence of str, optional
+        Channels to read (default: the dataset's, as in :func:`prepare`).
+    data_dir, mirror, shhs_dir, synthetic_epochs :
+        As in :func:`prepare`.
+    """
+    params = prepare_params(dataset, channels=channels, synthetic_epochs=synthetic_epochs)
+    jobs = _jobs(dataset, [int(subject)], [int(night)], params, data_dir, mirror, False, shhs_dir,
+                 out_dir=None, overwrite=True)
+    jobs = [job for job in jobs if job["night"] == int(night)]
+    if not jobs:
+        raise ValueError(f"{dataset} has no subject {subject} night {night}")
+    return _load_raw(jobs[0])
 
 
 def _as_ints(values, what: str = "subjects") -> list[int]:
