@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -22,6 +23,7 @@ from sleeplib.train.recipes_seq import (
     DEEPSLEEPNET_PRETRAIN,
     SLEEPEEGNET,
     cv_summary,
+    load_seq_predictions,
     run_ablation,
     run_seq_cv,
     seq_splits,
@@ -278,6 +280,10 @@ def test_sleepeegnet_recipe_end_to_end_resume_and_ablation(tmp_path):
                        out_dir=tmp_path)
     assert again["folds"][0]["best_epoch"] == res["folds"][0]["best_epoch"]
     assert (again["predictions"]["y_pred"] == res["predictions"]["y_pred"]).all()
+    # the saved predictions recompute the tables without any model
+    saved = load_seq_predictions(tmp_path)
+    pd.testing.assert_frame_equal(saved, res["predictions"], check_dtype=False)
+    assert cv_summary({"predictions": saved})["pooled"] == cv_summary(res)["pooled"]
     table = run_ablation(cohort, "sleepeegnet", {"base": {}, "free running": {"teacher_forcing": False}},
                          config=cfg.replace(epochs=1), protocol="clean", max_folds=1, model_kw=kw)
     assert list(table.index) == ["base", "free running"] and (table["n_epochs"] == 30).all()

@@ -81,6 +81,7 @@ __all__ = [
     "train_sleepeegnet",
     "run_seq_cv",
     "cv_summary",
+    "load_seq_predictions",
     "run_ablation",
     "default_ablation",
     "count_parameters",
@@ -477,13 +478,18 @@ def run_seq_cv(nights, model: str, *, protocol: str = "paper", n_folds: int | No
             meta = [(night.record, night.subject, night.night, np.sort(fold.test))]
         else:
             meta = [(nights[i].record, nights[i].subject, nights[i].night, np.arange(len(nights[i].y))) for i in fold.test]
-        offset = 0
+        offset, fold_rows = 0, []
         for record, subject, night_no, epochs in meta:
             n = len(epochs)
-            rows.append(pd.DataFrame({"fold": fold.fold, "record": record, "subject": subject, "night": night_no,
-                                      "epoch": epochs, "y_true": test.y.numpy()[offset : offset + n],
-                                      "y_pred": y_pred[offset : offset + n]}))
+            fold_rows.append(pd.DataFrame({"fold": fold.fold, "record": record, "subject": subject, "night": night_no,
+                                           "epoch": epochs, "y_true": test.y.numpy()[offset : offset + n],
+                                           "y_pred": y_pred[offset : offset + n]}))
             offset += n
+        rows.extend(fold_rows)
+        if fold_dir is not None:
+            # per-night test predictions on disk, so every table can be recomputed without retraining
+            with atomic_path(fold_dir / "predictions.csv", suffix=".csv") as tmp:
+                pd.concat(fold_rows, ignore_index=True).to_csv(tmp, index=False)
         fold_info.append({
             "fold": fold.fold,
             "train": fold.train.tolist(), "select": None if fold.select is None else fold.select.tolist(),
@@ -501,6 +507,17 @@ def run_seq_cv(nights, model: str, *, protocol: str = "paper", n_folds: int | No
         "n_parameters": count_parameters(trained["model"]),
         "last_model": trained["model"],
     }
+
+
+def load_seq_predictions(out_dir: str | Path) -> pd.DataFrame:
+    """The test predictions :func:`run_seq_cv` saved in ``out_dir`` (``fold*/predictions.csv``), no training.
+
+    ``cv_summary({"predictions": load_seq_predictions(out_dir)})`` recomputes the tables.
+    """
+    paths = sorted(Path(out_dir).glob("fold*/predictions.csv"))
+    if not paths:
+        raise FileNotFoundError(f"no finished fold with predictions.csv in {out_dir}; run run_seq_cv(..., out_dir=...)")
+    return pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
 
 
 def cv_summary(result: dict[str, Any]) -> dict[str, Any]:
