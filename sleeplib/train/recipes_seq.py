@@ -253,7 +253,7 @@ def train_sleepeegnet(train: ArraySet, select: ArraySet | None = None, *, sfreq:
         ``model`` (kept weights loaded), ``history`` (DataFrame of the training epochs with
         ``select_macro_f1`` on the evaluated ones), ``best_epoch``, ``oversampling`` summary.
     """
-    from sklearn.metrics import f1_score
+    from sleeplib.metrics import summarize
 
     from sleeplib.models.sleepeegnet import SleepEEGNet
 
@@ -287,7 +287,7 @@ def train_sleepeegnet(train: ArraySet, select: ArraySet | None = None, *, sfreq:
             if select is None or stop <= done:
                 continue
             probs = _trainer.predict(model, select, batch_size=config.eval_batch_size, device=device, batcher=batcher)
-            f1 = float(np.nan_to_num(f1_score(select.y.numpy(), probs.argmax(1), average="macro", zero_division=0)))
+            f1 = summarize(select.y.numpy(), probs.argmax(1))["macro_f1"]
             scores[stop] = f1
             if f1 > best_f1:
                 best_f1, best_epoch = f1, stop
