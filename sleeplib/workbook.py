@@ -87,7 +87,8 @@ def save_report(
     stem : str
         The notebook's file stem, e.g. ``"11_attnsleep"``.
     results : dict
-        Everything worth keeping (tables as records, figures measured).
+        Everything worth keeping (tables as records, figures measured). Training notebooks put a
+        bool ``results["comparable_to_paper"]`` here; ``index.html`` flags a False one.
     key : dict, optional
         The few figures shown in ``reports/index.html`` (e.g. ``{"accuracy": 0.84}``).
     profile : str, optional
