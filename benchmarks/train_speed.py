@@ -105,7 +105,8 @@ def batched(model_name, x, y, train, test, args, config, epochs):
     t_build = time.perf_counter()
     engine = BatchedFolds(lambda: build_model(model_name, n_times=x.shape[-1]), x, y, train, test,
                           [[1.0] * 5] * len(train), config, device=args.device, cuda_graphs=args.graphs,
-                          last_batch=args.last_batch, compile=args.compile)
+                          last_batch=args.last_batch, compile=args.compile,
+                          bn_fp32=not args.bn_bf16, time_phases=True)
     sync(args.device)
     build = time.perf_counter() - t_build
     epoch_times = []
@@ -132,6 +133,7 @@ def main(argv=None):
     p.add_argument("--last-batch", default="exact", choices=["exact", "drop"])
     p.add_argument("--naive-steps", type=int, default=50)
     p.add_argument("--compile", action="store_true", help="torch.compile the vmapped forward (experimental)")
+    p.add_argument("--bn-bf16", action="store_true", help="with --amp bf16: BatchNorm in bf16 too")
     p.add_argument("--skip-naive", action="store_true")
     p.add_argument("--skip-batched", action="store_true",
                    help="naive loop only (models that cannot run under vmap, e.g. attnsleep_msmp)")
@@ -170,7 +172,11 @@ def main(argv=None):
     out.update(batched_build_s=build, batched_epoch_s=times, batched_s_per_fold_epoch=per_fold_epoch,
                steps_per_epoch=engine.steps_per_epoch, projected_schedule_s=projected,
                peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None)
-    print(f"batched x{args.folds} ({args.amp}, graphs={engine.use_graphs}, last_batch={args.last_batch}): "
+    out["phase_times"] = engine.phase_times
+    last = engine.phase_times[-1]
+    print("last epoch: " + ", ".join(f"{k} {v:.2f}" for k, v in last.items() if k != "epoch"))
+    print(f"batched x{args.folds} ({args.amp}, compile={args.compile}, graphs={engine.use_graphs}, "
+          f"last_batch={args.last_batch}): "
           f"build {build:.1f} s, epochs {[round(t, 2) for t in times]} s, "
           f"{per_fold_epoch:.3f} s per fold-epoch")
     if "naive_s_per_fold_epoch" in out:

@@ -172,17 +172,27 @@ def test_time_block_needs_one_night(tmp_path):
 
 @pytest.mark.slow
 def test_batched_folds_compiled_forward_matches_eager():
-    """compile=True (the CUDA default of run_cv) trains the same folds as the eager vmap path."""
+    """compile=True (the CUDA default of run_cv) trains and evaluates as the eager vmap path.
+
+    Covers the compiled optimiser update and the compiled evaluation, whose last chunk (18 of
+    eval_batch_size 32) is padded to the compiled shape.
+    """
     x, y = _data(200)
     train = [np.arange(0, 150), np.arange(50, 200)]
     evals = [np.arange(150, 200), np.arange(0, 50)]
-    cfg = CFG.replace(epochs=1)
-    runs = {}
+    cfg = CFG.replace(epochs=2, eval_batch_size=32)
+    runs, probs, val_loss = {}, {}, {}
     for compiled in (False, True):
-        engine = BatchedFolds(lambda: TinyNet(dropout=0.0), x, y, train, evals, None, cfg, compile=compiled)
-        engine.fit()
+        engine = BatchedFolds(lambda: TinyNet(dropout=0.0), x, y, train, evals, None, cfg, compile=compiled,
+                              time_phases=True)
+        outcomes = engine.fit()
         runs[compiled] = engine.flat.detach().clone()
+        probs[compiled] = np.stack([o.val_probs for o in outcomes])
+        val_loss[compiled] = [o.history["val_loss"].to_numpy() for o in outcomes]
+        assert [set(t) for t in engine.phase_times] == [{"epoch", "full_steps_s", "last_batches_s", "evaluate_s"}] * 2
     torch.testing.assert_close(runs[True], runs[False], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(probs[True], probs[False], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.stack(val_loss[True]), np.stack(val_loss[False]), rtol=1e-4)
 
 
 def test_batched_engine_falls_back_to_eager_for_models_vmap_cannot_run(tmp_path, monkeypatch):

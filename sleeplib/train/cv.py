@@ -159,12 +159,13 @@ def run_cv(
     engine : {"eager", "batched", "auto"}
         "eager": :func:`sleeplib.train.trainer.fit`, one fold after another, resumable per epoch.
         "batched": :class:`sleeplib.train.fast.BatchedFolds`, ``fold_batch`` folds at once (all by
-        default); 21x the naive loop on an H100, but 2x slower than it on a 2-core CPU
+        default); 15-21x the naive loop on an H100, but 2x slower than it on a 2-core CPU
         (``benchmarks/RESULTS.md``). "auto": batched on CUDA, eager elsewhere.
     compile : bool, optional
-        ``engine="batched"`` only: fuse the vmapped forward and backward with ``torch.compile``
-        (default: on CUDA). Costs about 95 s of compilation once per process; on an H100 it
-        halves the time per fold-epoch (``benchmarks/RESULTS.md``).
+        ``engine="batched"`` only: fuse the vmapped forward and backward, the optimiser update and
+        the evaluation forward with ``torch.compile`` (default: on CUDA). Costs about 100 s of
+        compilation once per process; on an H100 it takes the time per fold-epoch from 0.69 s to
+        0.29 s (``benchmarks/RESULTS.md``).
 
     Returns
     -------

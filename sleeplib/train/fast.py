@@ -17,7 +17,10 @@ How it is fast (measured in ``benchmarks/RESULTS.md``):
 * on CUDA the whole step (gather, forward, backward, Adam, metric sums) is captured once in a CUDA
   graph and replayed, so the host issues one launch per step. With ``config.amp="bf16"`` the
   forward runs under bf16 autocast, BatchNorm in fp32 (its vmapped bf16 backward fails in torch
-  2.11); parameters, Adam state and the loss stay fp32.
+  2.11); parameters, Adam state and the loss stay fp32;
+* with ``compile=True`` (the CUDA default of :func:`~sleeplib.train.cv.run_cv`) the vmapped
+  training forward with its backward, the optimiser update and the evaluation forward (last chunk
+  padded to a static shape) are fused by ``torch.compile``.
 
 Differences from the eager loop, all documented and per fold equivalent in distribution: dropout
 masks come from a different random stream (``vmap(randomness="different")``), and batch order
@@ -83,6 +86,14 @@ class BatchedFolds:
         "drop": skip it (``drop_last=True``), slightly faster; a documented deviation.
     record_batches : bool
         Keep every epoch's per-fold batch order (``self.orders``), for tests.
+    compile : bool
+        ``torch.compile`` the training forward (with its backward) and the optimiser update.
+    bn_fp32 : bool
+        Under bf16 autocast, run BatchNorm in fp32 (needed by vmap's eager BatchNorm backward in
+        torch 2.11; False is for benchmarks of the compiled path).
+    time_phases : bool
+        Record each epoch's seconds in full steps, short last batches and evaluation
+        (``self.phase_times``); synchronises the device at each boundary.
     """
 
     def __init__(
@@ -99,6 +110,8 @@ class BatchedFolds:
         last_batch: str = "exact",
         record_batches: bool = False,
         compile: bool = False,
+        bn_fp32: bool = True,
+        time_phases: bool = False,
     ):
         from torch.func import functional_call, stack_module_state  # noqa: F401  (fail early if missing)
 
@@ -124,6 +137,8 @@ class BatchedFolds:
             raise ValueError("cuda_graphs=True needs a CUDA device")
         self.amp = config.amp == "bf16" and self.device.type == "cuda"
         self.record_batches = record_batches
+        self.time_phases = time_phases
+        self.phase_times: list[dict] = []
         self.orders: list[list[np.ndarray]] = []
 
         self.x = torch.as_tensor(x, dtype=torch.float32).to(self.device)
@@ -166,7 +181,7 @@ class BatchedFolds:
             base.apply(init_weights_normal)
         base = base.to(self.device)
         self.skeleton = base
-        if self.amp:
+        if self.amp and bn_fp32:
             # BatchNorm under vmap + bf16 autocast fails in torch 2.11 ("Expected running_mean to
             # have type BFloat16 but got Float"): normalise in fp32, as autocast does elsewhere.
             for module in base.modules():
@@ -214,8 +229,10 @@ class BatchedFolds:
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.graph = None
         self._eager_steps_before_capture = 3
-        # experimental: fuse the vmapped training forward (and its backward) with torch.compile
+        # fuse the training forward (and its backward) and, separately, the optimiser update: eager,
+        # the update is ~30 element-wise kernels over the (K, P) matrices (~3 ms a step for 20 folds)
         self._compiled_forward = torch.compile(self._forward_all_eager, dynamic=False) if compile else None
+        self._update = torch.compile(self._update_eager, dynamic=False) if compile else self._update_eager
 
     # ------------------------------------------------------------------ functional model
     def _params(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -227,7 +244,9 @@ class BatchedFolds:
         return out
 
     def _forward_all(self, flat, buffers, xb):
-        if self._compiled_forward is not None and self.skeleton.training and xb.shape[1] == self.B:
+        # compiled for the two static shapes it meets: full training batches and evaluation chunks
+        if self._compiled_forward is not None and (
+                xb.shape[1] == (self.B if self.skeleton.training else self.config.eval_batch_size)):
             return self._compiled_forward(flat, buffers, xb)
         return self._forward_all_eager(flat, buffers, xb)
 
@@ -250,7 +269,7 @@ class BatchedFolds:
         """Masked Adam/AdamW (AMSGrad optional) on the (K, P) matrix, torch.optim.Adam's formulas."""
         c = self.config
         b1, b2 = c.betas
-        p = self.flat.data
+        p = self.flat.detach()
         if c.grad_clip is not None:
             norm = grad.norm(dim=1, keepdim=True)
             grad = grad * (c.grad_clip / (norm + 1e-6)).clamp(max=1.0)
@@ -297,18 +316,21 @@ class BatchedFolds:
             logits = self._forward_all(self.flat, self.buffers, xb)
         losses = self._fold_losses(logits, yb, self.class_weights)
         (grad,) = torch.autograd.grad(losses.sum(), self.flat)
-        mask = active.to(grad.dtype).unsqueeze(1)
         with torch.no_grad():
-            self._adam(grad, mask)
-            # a fold past its last full batch must not move its BatchNorm statistics either
-            for n, b in self.buffers.items():
-                keep = active.view(-1, *([1] * (b.ndim - 1)))
-                b.copy_(torch.where(keep, b, saved[n]))
-            act = active.float()
-            self.loss_sum += losses.detach() * self.B * act
-            self.correct += (logits.detach().argmax(-1) == yb).sum(-1).float() * act
-            self.seen += self.B * act
-            self.step_idx += 1
+            self._update(grad, active, saved, losses.detach(), logits.detach(), yb)
+
+    def _update_eager(self, grad, active, saved, losses, logits, yb) -> None:
+        """Adam on every active fold, BatchNorm statistics of inactive folds restored, metric sums."""
+        self._adam(grad, active.to(grad.dtype).unsqueeze(1))
+        # a fold past its last full batch must not move its BatchNorm statistics either
+        for n, b in self.buffers.items():
+            keep = active.view(-1, *([1] * (b.ndim - 1)))
+            b.copy_(torch.where(keep, b, saved[n]))
+        act = active.float()
+        self.loss_sum += losses * self.B * act
+        self.correct += (logits.argmax(-1) == yb).sum(-1).float() * act
+        self.seen += self.B * act
+        self.step_idx += 1
 
     def _step_one_fold(self, k: int, idx: torch.Tensor) -> None:
         """The short last batch of fold k, alone (exact BatchNorm statistics)."""
@@ -338,6 +360,7 @@ class BatchedFolds:
 
     def train_epoch(self) -> None:
         """One training epoch of every live fold."""
+        t_start = self._phase_clock()
         self.epoch += 1
         factor = lr_factor(self.config, self.epoch)
         self.lr_factor.fill_(factor)
@@ -355,12 +378,22 @@ class BatchedFolds:
                 self.graph.replay()
             else:
                 self._step()
+        t_steps = self._phase_clock()
         if self.last_batch == "exact":
             alive = self.alive.cpu().numpy()
             for k in range(self.K):
                 start = int(self.n_full[k]) * self.B
                 if alive[k] and start < self.n_train[k]:
                     self._step_one_fold(k, self.perm[k, start:int(self.n_train[k])])
+        if self.time_phases:
+            self.phase_times.append({"epoch": self.epoch, "full_steps_s": t_steps - t_start,
+                                     "last_batches_s": self._phase_clock() - t_steps})
+
+    def _phase_clock(self) -> float:
+        """Wall clock, after the device has finished (only when ``time_phases``: a sync costs)."""
+        if self.time_phases and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def _capture(self) -> None:
         # warm-up already ran eagerly (the first steps of epoch 1, on a side stream as torch asks)
@@ -378,9 +411,13 @@ class BatchedFolds:
         probs = torch.empty(self.K, m, 5, device=self.device)
         for start in range(0, m, chunk):
             idx = self.eval_table[:, start:start + chunk]
+            n = idx.shape[1]
+            if n < chunk and self._compiled_forward is not None:
+                # pad the last chunk (with rows of its own) to keep the compiled graph's shape
+                idx = torch.cat([idx, idx[:, :1].expand(-1, chunk - n)], dim=1)
             with self._autocast():
                 logits = self._forward_all(self.flat.detach(), self.buffers, self.x[idx])
-            probs[:, start:start + chunk] = torch.softmax(logits.float(), dim=-1)
+            probs[:, start:start + chunk] = torch.softmax(logits[:, :n].float(), dim=-1)
         yb = self.y[self.eval_table]
         nll = -torch.log(probs.gather(-1, yb.unsqueeze(-1)).squeeze(-1).clamp_min(1e-12))
         w = self.class_weights.gather(1, yb) * self.eval_valid
@@ -393,7 +430,10 @@ class BatchedFolds:
         t0 = time.perf_counter()
         was_alive = self.alive.cpu().numpy().copy()
         self.train_epoch()
+        t_eval = self._phase_clock()
         probs, val_loss = self.evaluate()
+        if self.time_phases:
+            self.phase_times[-1]["evaluate_s"] = self._phase_clock() - t_eval
         pred = probs.argmax(-1)
         yb = self.y[self.eval_table]
         flat_cm = (yb * 5 + pred)[self.eval_valid.nonzero(as_tuple=True)]
