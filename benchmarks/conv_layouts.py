@@ -93,7 +93,7 @@ def bench_layer(spec, K, B, dtype, dev):
     return out
 
 
-def profile_engine(dev, folds, amp=False):
+def profile_engine(dev, folds, amp=False, compile=False, rows=25):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from train_speed import synthetic_edf20
     from sleeplib.models import build_model
@@ -108,14 +108,21 @@ def profile_engine(dev, folds, amp=False):
     te = [idx[subject == f] for f in range(folds)]
     cfg = get_recipe("attnsleep", epochs=1, amp="bf16" if amp else "none")
     eng = BatchedFolds(lambda: build_model("attnsleep"), x, y, tr, te, [[1.0] * 5] * folds, cfg,
-                       device=dev, cuda_graphs=False)
+                       device=dev, cuda_graphs=False, compile=compile)
     from torch.profiler import ProfilerActivity, profile
 
     eng.train_epoch()
+    eng.train_epoch()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    eng.train_epoch()
+    torch.cuda.synchronize()
+    steps = eng.steps_per_epoch
+    print(f"{steps} steps of {folds} folds: {(time.perf_counter() - t) / steps * 1e3:.2f} ms per step (no graph)")
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         eng.train_epoch()
         torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=90)
 
 
 def profile_single(dev, batch, amp):
@@ -151,12 +158,24 @@ def main():
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--engine-profile-only", action="store_true",
                     help="only profile the batched engine's step (fp32 and bf16)")
+    ap.add_argument("--compile", action="store_true", help="with --engine-profile-only: bf16 + torch.compile only")
+    ap.add_argument("--stacked", action="store_true",
+                    help="profile the engine with benchmarks/stacked_layout.py's forward instead of vmap")
     args = ap.parse_args()
+    if args.stacked:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from stacked_layout import use_stacked_forward
+
+        use_stacked_forward()
     dev = torch.device("cuda")
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     results = {}
+    if args.engine_profile_only and args.compile:
+        print(f"batched engine, {args.folds} folds, bf16, torch.compile")
+        print(profile_engine(dev, args.folds, True, compile=True, rows=45))
+        return
     if args.engine_profile_only:
         for amp in (False, True):
             print(f"batched engine, {args.folds} folds, bf16={amp}")
