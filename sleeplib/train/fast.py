@@ -87,7 +87,8 @@ class BatchedFolds:
     record_batches : bool
         Keep every epoch's per-fold batch order (``self.orders``), for tests.
     compile : bool
-        ``torch.compile`` the training forward (with its backward) and the optimiser update.
+        ``torch.compile`` the training forward (with its backward), the optimiser update and the
+        evaluation forward.
     bn_fp32 : bool
         Under bf16 autocast, run BatchNorm in fp32 (needed by vmap's eager BatchNorm backward in
         torch 2.11; False is for benchmarks of the compiled path).
@@ -229,8 +230,8 @@ class BatchedFolds:
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.graph = None
         self._eager_steps_before_capture = 3
-        # fuse the training forward (and its backward) and, separately, the optimiser update: eager,
-        # the update is ~30 element-wise kernels over the (K, P) matrices (~3 ms a step for 20 folds)
+        # fuse the forward (and its backward) and, separately, the optimiser update, which eagerly
+        # is some 30 element-wise kernels over the (K, P) matrices every step
         self._compiled_forward = torch.compile(self._forward_all_eager, dynamic=False) if compile else None
         self._update = torch.compile(self._update_eager, dynamic=False) if compile else self._update_eager
 
