@@ -101,12 +101,17 @@ def naive(model_name, x, y, train_idx, args, config):
     return per_step * steps_per_epoch, per_step
 
 
+def make_engine(model_name, x, y, train, test, args, config, time_phases=False):
+    """The batched engine as the command line asks (timed runs and the --full schedule alike)."""
+    return BatchedFolds(lambda: build_model(model_name, n_times=x.shape[-1]), x, y, train, test,
+                        [[1.0] * 5] * len(train), config, device=args.device, cuda_graphs=args.graphs,
+                        last_batch=args.last_batch, compile=args.compile, bn_fp32=not args.bn_bf16,
+                        time_phases=time_phases)
+
+
 def batched(model_name, x, y, train, test, args, config, epochs):
     t_build = time.perf_counter()
-    engine = BatchedFolds(lambda: build_model(model_name, n_times=x.shape[-1]), x, y, train, test,
-                          [[1.0] * 5] * len(train), config, device=args.device, cuda_graphs=args.graphs,
-                          last_batch=args.last_batch, compile=args.compile,
-                          bn_fp32=not args.bn_bf16, time_phases=True)
+    engine = make_engine(model_name, x, y, train, test, args, config, time_phases=True)
     sync(args.device)
     build = time.perf_counter() - t_build
     epoch_times = []
@@ -191,9 +196,7 @@ def main(argv=None):
         config_full = config.replace(epochs=args.schedule_epochs)
         train_s, test_s = paper_like_folds(subject, args.schedule_folds)
         t0 = time.perf_counter()
-        eng = BatchedFolds(lambda: build_model(args.model, n_times=x.shape[-1]), x, y, train_s, test_s,
-                           [[1.0] * 5] * len(train_s), config_full, device=args.device, cuda_graphs=args.graphs,
-                           last_batch=args.last_batch, compile=args.compile)
+        eng = make_engine(args.model, x, y, train_s, test_s, args, config_full)
         outcomes = eng.fit(progress=False)
         sync(args.device)
         measured = time.perf_counter() - t0
