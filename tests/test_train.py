@@ -214,3 +214,20 @@ def test_auto_engine_is_eager_on_cpu(tmp_path, monkeypatch):
                  out_dir=tmp_path, engine="auto")
     assert (tmp_path / "fold_00" / "fold.json").read_text().count('"eager"') == 1
     assert len(res.predictions) == 40
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_batched_folds_graphed_short_last_batches_train_as_eager():
+    """On CUDA the main step and each fold's short last batch replay CUDA graphs (the last batches
+    from epoch 2 on: epoch 1 warms them up); the weights must follow the eager run's."""
+    x, y = _data(200)
+    train = [np.arange(0, 150), np.arange(50, 190)]  # 150 and 140 epochs: short last batches of 22 and 12
+    evals = [np.arange(150, 200), np.arange(0, 50)]
+    flats = {}
+    for graphs in (False, True):
+        engine = BatchedFolds(lambda: TinyNet(dropout=0.0), x, y, train, evals, None, CFG.replace(epochs=4),
+                              device="cuda", cuda_graphs=graphs)
+        engine.fit()
+        flats[graphs] = engine.flat.detach().cpu()
+        assert len(engine._last_batch_graphs) == (2 if graphs else 0)
+    torch.testing.assert_close(flats[True], flats[False], rtol=1e-4, atol=1e-5)
