@@ -93,7 +93,31 @@ def bench_layer(spec, K, B, dtype, dev):
     return out
 
 
-def profile_engine(dev, folds, amp=False, compile=False, rows=25):
+KERNEL_KINDS = [  # (kind, substrings of CUDA kernel names), first match wins
+    ("fold_conv_op (Triton)", ("conv_gemm", "conv_wgrad")),
+    ("inductor fused kernels", ("triton_",)),
+    ("cuDNN layout transforms", ("ToNhwc", "ToNchw", "tensorTransform", "SliceC")),
+    ("cuDNN convolutions", ("fprop", "dgrad", "wgrad", "implicit_gemm", "cudnn")),
+    ("GEMMs (cuBLAS/CUTLASS)", ("gemm", "cutlass", "nvjet")),
+    ("ATen element-wise/reductions", ("at::native",)),
+]
+
+
+def kernel_summary(prof, steps):
+    """GPU time per step by kind of kernel (names matched by KERNEL_KINDS)."""
+    totals = {}
+    for evt in prof.key_averages():
+        us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+        if not us or evt.key.startswith(("ProfilerStep", "aten::", "autograd", "Torch-Compiled", "CompiledFunction",
+                                         "## ", "cudaLaunch", "cudaGraph")):
+            continue
+        kind = next((k for k, subs in KERNEL_KINDS if any(s in evt.key for s in subs)), "other kernels")
+        totals[kind] = totals.get(kind, 0.0) + us / 1e3 / steps
+    lines = [f"  {k:28s} {v:7.2f} ms/step" for k, v in sorted(totals.items(), key=lambda kv: -kv[1])]
+    return "\n".join(lines + [f"  {'all kernels':28s} {sum(totals.values()):7.2f} ms/step"])
+
+
+def profile_engine(dev, folds, amp=False, compile=False, rows=25, fold_convs=False):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from train_speed import synthetic_edf20
     from sleeplib.models import build_model
@@ -107,7 +131,15 @@ def profile_engine(dev, folds, amp=False, compile=False, rows=25):
     tr = [idx[subject != f] for f in range(folds)]
     te = [idx[subject == f] for f in range(folds)]
     cfg = get_recipe("attnsleep", epochs=1, amp="bf16" if amp else "none")
-    eng = BatchedFolds(lambda: build_model("attnsleep"), x, y, tr, te, [[1.0] * 5] * folds, cfg,
+    def model_fn():
+        model = build_model("attnsleep")
+        if fold_convs:
+            from fold_conv_op import use_fold_convs
+
+            use_fold_convs(model)
+        return model
+
+    eng = BatchedFolds(model_fn, x, y, tr, te, [[1.0] * 5] * folds, cfg,
                        device=dev, cuda_graphs=False, compile=compile)
     from torch.profiler import ProfilerActivity, profile
 
@@ -119,9 +151,14 @@ def profile_engine(dev, folds, amp=False, compile=False, rows=25):
     torch.cuda.synchronize()
     steps = eng.steps_per_epoch
     print(f"{steps} steps of {folds} folds: {(time.perf_counter() - t) / steps * 1e3:.2f} ms per step (no graph)")
+    # full 20-fold steps only (train_epoch would add each fold's short last batch, run alone)
+    steps = min(20, eng.steps_per_epoch)
+    eng.step_idx.zero_()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        eng.train_epoch()
+        for _ in range(steps):
+            eng._step()
         torch.cuda.synchronize()
+    print(f"GPU time by kind of kernel (fold_convs={fold_convs}):\n" + kernel_summary(prof, steps))
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=90)
 
 
@@ -159,6 +196,8 @@ def main():
     ap.add_argument("--engine-profile-only", action="store_true",
                     help="only profile the batched engine's step (fp32 and bf16)")
     ap.add_argument("--compile", action="store_true", help="with --engine-profile-only: bf16 + torch.compile only")
+    ap.add_argument("--fold-convs", action="store_true",
+                    help="with --engine-profile-only --compile: convolutions through benchmarks/fold_conv_op.py")
     ap.add_argument("--stacked", action="store_true",
                     help="profile the engine with benchmarks/stacked_layout.py's forward instead of vmap")
     args = ap.parse_args()
@@ -174,7 +213,7 @@ def main():
     results = {}
     if args.engine_profile_only and args.compile:
         print(f"batched engine, {args.folds} folds, bf16, torch.compile")
-        print(profile_engine(dev, args.folds, True, compile=True, rows=45))
+        print(profile_engine(dev, args.folds, True, compile=True, rows=60, fold_convs=args.fold_convs))
         return
     if args.engine_profile_only:
         for amp in (False, True):

@@ -17,8 +17,11 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def _load(name):
+    if f"bench_{name}" in sys.modules:  # once per process: fold_conv_op registers torch.library ops
+        return sys.modules[f"bench_{name}"]
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # torch.compile looks modules up by name
     sys.path.insert(0, str(BENCHMARKS))
     try:
         spec.loader.exec_module(module)
@@ -80,3 +83,135 @@ def test_train_speed_runs_on_cpu_and_reports_its_figures(tmp_path):
     assert figures["naive_s_per_fold_epoch"] > 0 and figures["batched_s_per_fold_epoch"] > 0
     assert figures["speedup"] == pytest.approx(figures["naive_s_per_fold_epoch"] / figures["batched_s_per_fold_epoch"])
     assert [set(t) for t in figures["phase_times"]] == [{"epoch", "full_steps_s", "last_batches_s", "evaluate_s"}] * 2
+
+
+@pytest.mark.slow
+def test_train_speed_full_schedule_resumes_across_processes(tmp_path):
+    train_speed = _load("train_speed")
+    ckpt = tmp_path / "state.pt"
+    args = ["--device", "cpu", "--n-samples", "120", "--batch", "16", "--folds", "2", "--skip-naive", "--full-only",
+            "--schedule-folds", "2", "--schedule-epochs", "2", "--checkpoint", str(ckpt), "--time-limit", "0"]
+    first = train_speed.main(args + ["--json", str(tmp_path / "a.json")])  # one epoch, then stop
+    assert first["schedule_epochs_done"] == 1 and "measured_schedule_s" not in first
+    second = train_speed.main(args + ["--json", str(tmp_path / "b.json")])
+    procs = second["schedule_processes"]
+    assert [p["epochs"] for p in procs] == [[1, 1], [2, 2]]
+    assert second["measured_schedule_s"] == pytest.approx(sum(p["wall_s"] for p in procs))
+    assert len(second["best_epochs"]) == 2 and json.loads(ckpt.with_name("state.pt.json").read_text())["processes"] == procs
+
+
+# ---------------------------------------------------------------- fold_conv_op (Triton conv kernels)
+FOLD_CONV_CASES = [  # (G, B, C, O, L, k, stride, padding, l_out or None for conv1d's)
+    (2, 3, 4, 5, 37, 8, 1, 4, None),      # MRCNN's padded convolutions
+    (2, 2, 1, 6, 300, 50, 6, 24, None),   # a first layer: one channel, long strided kernel
+    (3, 2, 3, 4, 20, 7, 1, 6, 20),        # causal: left padding only, output as long as the input
+    (2, 2, 5, 3, 9, 1, 1, 0, None),       # 1x1
+    (1, 2, 1, 4, 340, 40, 5, 20, None),
+]
+
+
+def _fold_conv_expected(x, w, stride, padding, l_out):
+    G = x.shape[0]
+    right = max((l_out - 1) * stride + w.shape[-1] - x.shape[-1] - padding, 0)
+    xp = torch.nn.functional.pad(x, (padding, right))
+    return torch.stack([torch.nn.functional.conv1d(xp[g], w[g], stride=stride)[..., :l_out] for g in range(G)])
+
+
+@pytest.mark.parametrize("case", FOLD_CONV_CASES)
+def test_fold_conv_op_matches_conv1d_with_gradients(case):
+    op = _load("fold_conv_op")
+    G, B, C, O, L, k, s, p, l_out = case
+    l_out = l_out or (L + 2 * p - k) // s + 1
+    torch.manual_seed(0)
+    x = torch.randn(G, B, C, L, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(G, O, C, k, dtype=torch.float64, requires_grad=True)
+    got = op.conv1d_folds(x, w, s, p, l_out)
+    want = _fold_conv_expected(x, w, s, p, l_out)
+    torch.testing.assert_close(got, want)
+    gy = torch.randn_like(want)
+    torch.testing.assert_close(torch.autograd.grad((got * gy).sum(), (x, w)),
+                               torch.autograd.grad((want * gy).sum(), (x, w)))
+
+
+def test_fold_conv_kernels_in_the_triton_interpreter(tmp_path):
+    """The Triton kernels themselves (forward, input and weight gradients), run by Triton's CPU interpreter."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+
+    script = f"""
+import sys, torch
+sys.path.insert(0, {str(BENCHMARKS)!r}); sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+import fold_conv_op as op
+from test_benchmarks import FOLD_CONV_CASES, _fold_conv_expected
+op.conv1d_folds_reference = None  # the kernels must do the work
+assert op._use_kernels(torch.zeros(1))
+for G, B, C, O, L, k, s, p, l_out in FOLD_CONV_CASES:
+    l_out = l_out or (L + 2 * p - k) // s + 1
+    torch.manual_seed(0)
+    x = torch.randn(G, B, C, L, requires_grad=True)
+    w = torch.randn(G, O, C, k, requires_grad=True)
+    got, want = op.conv1d_folds(x, w, s, p, l_out), _fold_conv_expected(x, w, s, p, l_out)
+    gy = torch.randn_like(want)
+    pairs = zip((got, *torch.autograd.grad((got * gy).sum(), (x, w))), (want, *torch.autograd.grad((want * gy).sum(), (x, w))))
+    for a, b in pairs:
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+print("ok")
+"""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+
+
+class _ConvNet(torch.nn.Module):
+    """Strided, padded and causal Conv1d layers, BatchNorm, no dropout (so two runs can agree)."""
+
+    def __init__(self, n_outputs=5, n_chans=1, sfreq=100.0, n_times=64):
+        from sleeplib.models.blocks import CausalConv1d
+
+        super().__init__()
+        self.conv1 = torch.nn.Conv1d(n_chans, 4, 7, stride=3, bias=False)
+        self.bn = torch.nn.BatchNorm1d(4)
+        self.conv2 = torch.nn.Conv1d(4, 6, 5, padding=2)
+        self.causal = CausalConv1d(6, 6, 3)
+        self.fc = torch.nn.Linear(6, n_outputs)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv1(x)))
+        return self.fc(torch.relu(self.causal(torch.relu(self.conv2(h)))).mean(-1))
+
+
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_fold_convs_train_in_the_engine_as_plain_convolutions(compiled):
+    import numpy as np
+
+    from sleeplib.train.config import TrainConfig
+    from sleeplib.train.fast import BatchedFolds
+
+    op = _load("fold_conv_op")
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 5, (120,), generator=g)
+    x = torch.randn(120, 1, 64, generator=g) + y[:, None, None] * 0.5
+    train, evals = [np.arange(0, 90), np.arange(30, 120)], [np.arange(90, 120), np.arange(0, 30)]
+    cfg = TrainConfig(epochs=2, batch_size=32, progress=False, eval_batch_size=32)
+
+    def swapped():
+        model = _ConvNet()
+        assert op.use_fold_convs(model) == 3
+        return model
+
+    flats = {}
+    for name, model_fn in (("plain", _ConvNet), ("fold", swapped)):
+        engine = BatchedFolds(model_fn, x, y, train, evals, None, cfg, compile=compiled)
+        engine.fit()
+        flats[name] = engine.flat.detach().clone()
+        if name == "fold":
+            assert type(engine.skeleton.causal).__name__ == "FoldCausalConv1d"
+            assert list(engine.skeleton.state_dict()) == list(_ConvNet().state_dict())
+    torch.testing.assert_close(flats["fold"], flats["plain"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
+def test_fold_conv_benchmark_says_it_needs_cuda():
+    with pytest.raises(SystemExit, match="CUDA"):
+        _load("fold_conv").main(["--folds", "2", "--batch", "2"])
