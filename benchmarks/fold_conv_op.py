@@ -223,7 +223,8 @@ def _grad_weight_kernel(gy: Tensor, x: Tensor, stride: int, padding: int, k: int
     BM, BN, BR = _block(O, 128), _block(CK, 128), _block(l_out, 64)
     tiles = triton.cdiv(O, BM) * triton.cdiv(CK, BN) * G
     # split the samples so that there are enough programs to fill the GPU (fp32 partial sums)
-    n_split = max(1, min(B, -(-4 * 132 // tiles)))
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132
+    n_split = max(1, min(B, -(-4 * sms // tiles)))
     per_split = -(-B // n_split)
     n_split = -(-B // per_split)
     part = torch.empty(G, n_split, O, CK, device=x.device, dtype=torch.float32)
