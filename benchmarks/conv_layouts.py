@@ -131,14 +131,11 @@ def profile_engine(dev, folds, amp=False, compile=False, rows=25, fold_convs=Fal
     tr = [idx[subject != f] for f in range(folds)]
     te = [idx[subject == f] for f in range(folds)]
     cfg = get_recipe("attnsleep", epochs=1, amp="bf16" if amp else "none")
-    def model_fn():
-        model = build_model("attnsleep")
-        if fold_convs:
-            from fold_conv_op import use_fold_convs
+    model_fn = lambda: build_model("attnsleep")  # noqa: E731
+    if fold_convs:
+        from fold_conv_op import with_fold_convs
 
-            use_fold_convs(model)
-        return model
-
+        model_fn = with_fold_convs(model_fn)
     eng = BatchedFolds(model_fn, x, y, tr, te, [[1.0] * 5] * folds, cfg,
                        device=dev, cuda_graphs=False, compile=compile)
     from torch.profiler import ProfilerActivity, profile

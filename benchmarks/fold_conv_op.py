@@ -352,6 +352,17 @@ def use_fold_convs(model: nn.Module) -> int:
     return swapped
 
 
+def with_fold_convs(model_fn):
+    """``model_fn`` whose models have their convolutions swapped by :func:`use_fold_convs`."""
+
+    def build():
+        model = model_fn()
+        use_fold_convs(model)
+        return model
+
+    return build
+
+
 @functools.cache
 def _fold_class(cls: type, plain_forward: bool) -> type:
     namespace = {"__module__": __name__}

@@ -108,13 +108,12 @@ def naive(model_name, x, y, train_idx, args, config):
 def make_engine(model_name, x, y, train, test, args, config, time_phases=False):
     """The batched engine as the command line asks (timed runs and the --full schedule alike)."""
     def model_fn():
-        model = build_model(model_name, n_times=x.shape[-1])
-        if args.fold_convs:
-            from fold_conv_op import use_fold_convs
+        return build_model(model_name, n_times=x.shape[-1])
 
-            use_fold_convs(model)
-        return model
+    if args.fold_convs:
+        from fold_conv_op import with_fold_convs
 
+        model_fn = with_fold_convs(model_fn)
     return BatchedFolds(model_fn, x, y, train, test,
                         [[1.0] * 5] * len(train), config, device=args.device, cuda_graphs=args.graphs,
                         last_batch=args.last_batch, compile=args.compile, bn_fp32=not args.bn_bf16,

@@ -215,3 +215,11 @@ def test_fold_convs_train_in_the_engine_as_plain_convolutions(compiled):
 def test_fold_conv_benchmark_says_it_needs_cuda():
     with pytest.raises(SystemExit, match="CUDA"):
         _load("fold_conv").main(["--folds", "2", "--batch", "2"])
+
+
+@pytest.mark.slow
+def test_train_speed_runs_with_fold_convs_on_cpu(tmp_path):
+    train_speed = _load("train_speed")
+    out = train_speed.main(["--device", "cpu", "--n-samples", "120", "--batch", "16", "--folds", "2", "--epochs", "1",
+                            "--skip-naive", "--fold-convs", "--json", str(tmp_path / "speed.json")])
+    assert out["args"]["fold_convs"] and out["batched_s_per_fold_epoch"] > 0
