@@ -22,6 +22,7 @@ def _load(name):
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # torch.compile looks modules up by name
+    sys.modules.setdefault(name, module)  # benchmarks import each other by plain name: one copy
     sys.path.insert(0, str(BENCHMARKS))
     try:
         spec.loader.exec_module(module)
