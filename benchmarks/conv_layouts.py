@@ -95,6 +95,7 @@ def bench_layer(spec, K, B, dtype, dev):
 
 KERNEL_KINDS = [  # (kind, substrings of CUDA kernel names), first match wins
     ("fold_conv_op (Triton)", ("conv_gemm", "conv_wgrad")),
+    ("cl_conv_op (Triton)", ("conv_cl",)),
     ("inductor fused kernels", ("triton_",)),
     ("cuDNN layout transforms", ("ToNhwc", "ToNchw", "tensorTransform", "SliceC")),
     ("cuDNN convolutions", ("fprop", "dgrad", "wgrad", "implicit_gemm", "cudnn")),
@@ -197,12 +198,14 @@ def main():
                     help="with --engine-profile-only --compile: convolutions through benchmarks/fold_conv_op.py")
     ap.add_argument("--stacked", action="store_true",
                     help="profile the engine with benchmarks/stacked_layout.py's forward instead of vmap")
+    ap.add_argument("--cl-convs", action="store_true",
+                    help="with --stacked: its channels-last Triton convolutions (benchmarks/cl_conv_op.py)")
     args = ap.parse_args()
     if args.stacked:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from stacked_layout import use_stacked_forward
 
-        use_stacked_forward()
+        use_stacked_forward(cl_convs=args.cl_convs)
     dev = torch.device("cuda")
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = True

@@ -7,6 +7,8 @@ For every ``Conv1d`` shape of AttnSleep (100 Hz, 3000 samples) with ``--folds`` 
   (the model computes the two first layers, 1 input channel, as unfold + matmul instead:
   ``sleeplib.models.blocks.UnfoldConv1d``; their ``grouped`` times are not the engine's);
 * ``fold``: :func:`fold_conv_op.conv1d_folds` on ``(K, B, C, L)``;
+* ``cl`` (stride-1 layers): :func:`cl_conv_op.conv1d_cl` on a channels-last ``(K, B, L, C)`` view
+  of ``(B, L, K, C)`` memory, the layout of ``stacked_layout.py --cl-convs``;
 
 checks that both give the same numbers (relative error of output and gradients) and prints the
 ratio. CUDA only (on CPU ``fold`` is the grouped reference itself)::
@@ -29,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from conv_layouts import LAYERS  # noqa: E402  (the MRCNN's convolutions)
+from cl_conv_op import conv1d_cl  # noqa: E402
 from fold_conv_op import conv1d_folds  # noqa: E402
 
 # (name, C_in, C_out, input length, kernel, stride, padding): AttnSleep's MRCNN, AFR and TCE at 100 Hz
@@ -70,7 +73,7 @@ def main(argv=None):
     torch.backends.cudnn.benchmark = True
     dtype = getattr(torch, args.dtype)
     K, B = args.folds, args.batch
-    rows, total = [], {"grouped": 0.0, "fold": 0.0}
+    rows, total = [], {"grouped": 0.0, "fold": 0.0, "grouped_stride1": 0.0, "cl": 0.0}
     for name, C, O, L, k, s, pad in SHAPES:
         l_out = (L + 2 * pad - k) // s + 1
         g = torch.Generator(device="cuda").manual_seed(0)
@@ -89,6 +92,13 @@ def main(argv=None):
             out = conv1d_folds(x, w, s, pad, l_out)
             return out, torch.autograd.grad(out, [t for t in (x, w) if t.requires_grad], gy)
 
+        x_cl = x.detach().permute(1, 3, 0, 2).contiguous().permute(2, 0, 1, 3).requires_grad_(C > 1)
+        gy_cl = gy.permute(1, 3, 0, 2).contiguous().permute(2, 0, 1, 3)
+
+        def cl():
+            out = conv1d_cl(x_cl, w.permute(0, 3, 2, 1), pad, l_out)
+            return out, torch.autograd.grad(out, [t for t in (x_cl, w) if t.requires_grad], gy_cl)
+
         (yg, grads_g), (yf, grads_f) = grouped(), fold()
         errors = {"out": rel(yf, yg.view(B, K, O, l_out).transpose(0, 1)),
                   "grad_w": rel(grads_f[-1], grads_g[-1].view(K, O, C, k))}
@@ -97,12 +107,28 @@ def main(argv=None):
         t_g, t_f = timed(grouped, args.reps), timed(fold, args.reps)
         total["grouped"] += t_g
         total["fold"] += t_f
-        rows.append({"layer": name, "grouped_ms": t_g, "fold_ms": t_f, "ratio": t_g / t_f, **errors})
+        row = {"layer": name, "grouped_ms": t_g, "fold_ms": t_f, "ratio": t_g / t_f, **errors}
+        cl_text = ""
+        if s == 1:
+            yc, grads_c = cl()
+            row["cl_error_out"] = rel(yc.transpose(2, 3), yg.view(B, K, O, l_out).transpose(0, 1))
+            row["cl_error_grad_w"] = rel(grads_c[-1], grads_g[-1].view(K, O, C, k))
+            if C > 1:
+                row["cl_error_grad_x"] = rel(grads_c[0].transpose(2, 3), grads_g[0].view(B, K, C, L).transpose(0, 1))
+            t_c = timed(cl, args.reps)
+            total["grouped_stride1"] += t_g
+            total["cl"] += t_c
+            row.update(cl_ms=t_c, cl_ratio=t_g / t_c)
+            cl_text = (f", cl {t_c:7.3f} ms ({t_g / t_c:5.2f}x, rel. error "
+                       + ", ".join(f"{k_[9:]} {v:.1e}" for k_, v in row.items() if k_.startswith("cl_error")) + ")")
+        rows.append(row)
         print(f"{name:11s} C{C:>4} O{O:>4} L{L:>5} k{k:>4} s{s:>3}: grouped {t_g:7.3f} ms, fold {t_f:7.3f} ms "
-              f"({t_g / t_f:5.2f}x)  rel. error " + ", ".join(f"{k_} {v:.1e}" for k_, v in errors.items()))
+              f"({t_g / t_f:5.2f}x){cl_text}  rel. error " + ", ".join(f"{k_} {v:.1e}" for k_, v in errors.items()))
     print(f"all layers, forward + backward: grouped {total['grouped']:.2f} ms, fold {total['fold']:.2f} ms "
           f"({total['grouped'] / total['fold']:.2f}x)  [{args.folds} folds x batch {args.batch}, {args.dtype}, "
           f"{torch.cuda.get_device_name()}]")
+    print(f"stride-1 layers: grouped {total['grouped_stride1']:.2f} ms, cl {total['cl']:.2f} ms "
+          f"({total['grouped_stride1'] / max(total['cl'], 1e-9):.2f}x)")
     path = args.json or (os.path.join(os.environ["OUT"], "fold_conv.json") if os.environ.get("OUT") else None)
     if path:
         Path(path).write_text(json.dumps({"rows": rows, "total": total, "args": vars(args)}, indent=2))

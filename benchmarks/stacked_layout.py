@@ -40,6 +40,9 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cl_conv_op import conv1d_cl, max_pool_cl  # noqa: E402
 
 from sleeplib.models.attnsleep import AttnSleep  # noqa: E402
 from sleeplib.models.blocks import (  # noqa: E402
@@ -59,17 +62,26 @@ from sleeplib.models.blocks import (  # noqa: E402
 __all__ = ["stacked_forward", "supports", "HANDLERS", "use_stacked_forward"]
 
 
+CL_OUTSIDE = True
+"""With cl_convs, also the TCE's convolutions by cl_conv_op (``--tce-cudnn``: cuDNN grouped, transposes)."""
+EINSUM_1X1 = False
+"""With cl_convs, the AFR's 1x1 convolutions as ``einsum`` (``--einsum-1x1``) instead of cl_conv_op."""
+
+
 class _Run:
     """What every handler needs: the stacked parameters and buffers, by full name, and the mode."""
 
-    def __init__(self, params: dict, buffers: dict, training: bool, bn_fp32: bool):
+    def __init__(self, params: dict, buffers: dict, training: bool, bn_fp32: bool, cl_convs: bool = False):
         self.params = params
         self.buffers = buffers
         self.training = training
         self.bn_fp32 = bn_fp32
+        self.cl_convs = cl_convs
+        self.cl_mode = False  # set while the MRCNN and the AFR run on (B, L, K, C) tensors
 
     def __call__(self, module: nn.Module, prefix: str, x: torch.Tensor, *args):
-        return HANDLERS[type(module)](self, module, prefix, x, *args)
+        handler = CL_HANDLERS.get(type(module)) if self.cl_mode else None
+        return (handler or HANDLERS[type(module)])(self, module, prefix, x, *args)
 
     def p(self, prefix: str, name: str) -> torch.Tensor | None:
         return self.params.get(prefix + name)
@@ -84,6 +96,9 @@ def _conv(run: _Run, m: nn.Conv1d, prefix: str, x: torch.Tensor, left_pad: int =
     """Per-fold ``conv1d`` of ``x`` ``(B, K, C, L)`` as one grouped channels-last ``conv2d``."""
     if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
         raise NotImplementedError(f"stacked conv1d supports groups=1, zero integer padding; got {m}")
+    if run.cl_convs and CL_OUTSIDE and m.stride[0] == 1:
+        # the TCE's (B, K, tokens, d_model) tensors: tokens are the channels; transposes are small here
+        return _cl_conv(run, m, prefix, x.permute(0, 3, 1, 2), left_pad).permute(0, 2, 3, 1)
     B, K, C, L = x.shape
     w = run.p(prefix, "weight")  # (K, C_out, C, k)
     b = run.p(prefix, "bias")
@@ -212,7 +227,13 @@ def _attention(run, m: CausalConvMultiHeadAttention, prefix, query, key_value_in
     k = split_heads(run(m.key_conv, _child(prefix, "key_conv"), key_value_input))
     v = split_heads(run(m.value_conv, _child(prefix, "value_conv"), key_value_input))
     scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(m.d_head)
-    weights = run(m.attn_dropout, _child(prefix, "attn_dropout"), torch.softmax(scores, dim=-1))
+    if run.cl_convs:
+        # spelled out so that inductor does not swap in cuDNN's flash attention, slow for 30 tokens
+        e = torch.exp(scores - scores.amax(-1, keepdim=True).detach())
+        probs = e / e.sum(-1, keepdim=True)
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    weights = run(m.attn_dropout, _child(prefix, "attn_dropout"), probs)
     heads = torch.matmul(weights, v).transpose(1, 2).reshape(B, K, T, D)
     return run(m.out_proj, _child(prefix, "out_proj"), heads)
 
@@ -241,8 +262,114 @@ def _flatten_head(run, m: FlattenLinearHead, prefix, x):
 
 
 def _attnsleep(run, m: AttnSleep, prefix, x):
-    features = run(m.afr, _child(prefix, "afr"), run(m.feature_extractor, _child(prefix, "feature_extractor"), x))
+    if run.cl_convs:
+        run.cl_mode = True
+        try:
+            features = run(m.afr, _child(prefix, "afr"),
+                           run(m.feature_extractor, _child(prefix, "feature_extractor"), x.permute(0, 3, 1, 2)))
+        finally:
+            run.cl_mode = False
+        features = features.permute(0, 2, 3, 1)  # (B, L, K, C) -> (B, K, C, L): the TCE's tokens are the channels
+    else:
+        features = run(m.afr, _child(prefix, "afr"), run(m.feature_extractor, _child(prefix, "feature_extractor"), x))
     return run(m.head, _child(prefix, "head"), run(m.tce, _child(prefix, "tce"), features))
+
+
+# ---------------------------------------------------------------------------- channels-last (cl_convs)
+# With cl_convs, the MRCNN and the AFR run on (B, L, K, C) tensors, contiguous: logically
+# channels-last, so that every buffer inductor realises (saved activations too) is channels-last.
+# In the (B, K, C, L) order, even with channels-last strides, inductor realised many of them
+# channels-first and copied them back and forth with transposing kernels (several hundred
+# microseconds each for 80 M elements).
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _cl_conv(run, m: nn.Conv1d, prefix, x, left_pad: int = 0):
+    """Stride-1 convolution of ``x (B, L, K, C)`` by cl_conv_op's kernels (1x1 too, unless :data:`EINSUM_1X1`)."""
+    if m.groups != 1 or m.stride[0] != 1 or m.dilation[0] != 1 or isinstance(m.padding, str):
+        raise NotImplementedError(f"cl_convs supports stride-1, undilated, ungrouped convolutions; got {m}")
+    dtype = _autocast_dtype(x)
+    w = run.p(prefix, "weight")  # (K, O, C, k)
+    b = run.p(prefix, "bias")
+    k, pad = m.kernel_size[0], m.padding[0] + left_pad
+    x = x.to(dtype)
+    if k == 1 and pad == 0 and EINSUM_1X1:
+        y = torch.einsum("blkc,koc->blko", x, w[..., 0].to(dtype))
+    else:
+        B, L, K, C = x.shape
+        l_out = L + left_pad + 2 * m.padding[0] - k + 1
+        # (K, B, L, C) view of the contiguous (B, L, K, C); the weights packed (K, k, C, O), each
+        # tap's (C, O) block contiguous (read in place, the kernels' loads were uncoalesced)
+        wp = w.permute(0, 3, 2, 1).contiguous().to(dtype)
+        y = conv1d_cl(x.contiguous().permute(2, 0, 1, 3), wp, pad, l_out).permute(1, 2, 0, 3)
+    if b is not None:
+        y = y + b.to(y.dtype)
+    return y
+
+
+def _cl_unfold_conv(run, m: UnfoldConv1d, prefix, x):
+    """A first MRCNN layer (one input channel, long kernel, stride ``s``, padding a multiple of ``s``)
+    by cl_conv_op's kernels: the signal viewed as ``L / s`` positions of ``s`` channels (each stride's
+    samples) makes it a stride-1 convolution of ``ceil(kernel / s)`` taps (weights zero-padded), whose
+    output lands channels-last. Other shapes: the generic handler."""
+    B, L, K, C = x.shape
+    kernel, stride, pad = m.kernel_size[0], m.stride[0], m.padding[0]
+    if C != 1 or pad % stride or m.dilation[0] != 1 or m.groups != 1:
+        y = _unfold_conv(run, m, prefix, x.permute(0, 2, 3, 1))  # (B, K, O, L') view
+        return y.permute(0, 3, 1, 2)
+    dtype = _autocast_dtype(x)
+    taps = -(-kernel // stride)
+    n_out = (L + 2 * pad - kernel) // stride + 1
+    signal = x[..., 0].permute(2, 0, 1)  # (K, B, L): the engine's fold-major batch, no copy
+    if L % stride:
+        signal = F.pad(signal, (0, -L % stride))
+    signal = signal.reshape(K, B, -1, stride)
+    w = run.p(prefix, "weight")[:, :, 0, :]  # (K, O, kernel)
+    w = F.pad(w, (0, taps * stride - kernel)).reshape(K, m.out_channels, taps, stride)
+    y = conv1d_cl(signal.to(dtype), w.permute(0, 2, 3, 1).contiguous().to(dtype), pad // stride, n_out)
+    y = y.permute(1, 2, 0, 3)
+    b = run.p(prefix, "bias")
+    return y if b is None else y + b.to(y.dtype)
+
+
+def _cl_batch_norm(run, m: nn.BatchNorm1d, prefix, x):
+    if not m.track_running_stats or not m.affine or m.momentum is None:
+        raise NotImplementedError("stacked batch norm needs affine=True, track_running_stats=True and a "
+                                  "momentum (not the cumulative average)")
+    B, L, K, C = x.shape
+    nbt = run.buffers.get(prefix + "num_batches_tracked")
+    if run.training and nbt is not None:
+        nbt.add_(1)
+    xin = x.float() if run.bn_fp32 else x
+    y = F.batch_norm(xin.reshape(B * L, K * C), run.buffers[prefix + "running_mean"].view(-1),
+                     run.buffers[prefix + "running_var"].view(-1), run.p(prefix, "weight").reshape(-1),
+                     run.p(prefix, "bias").reshape(-1), run.training, m.momentum, m.eps)
+    return y.view(x.shape)
+
+
+def _cl_max_pool(run, m: nn.MaxPool1d, prefix, x):
+    """Max-pooling along ``L`` of ``(B, L, K, C)`` by cl_conv_op's kernels, in the autocast dtype
+    (rounding commutes with the maximum; only the choice among maxima that rounding makes equal can
+    differ: the first wins, as in ``max_pool1d``)."""
+    if m.dilation != 1 or m.ceil_mode or m.return_indices:
+        raise NotImplementedError(f"stacked max-pool supports dilation=1, ceil_mode=False only; got {m}")
+    B, L, K, C = x.shape
+    y, _ = max_pool_cl(x.to(_autocast_dtype(x)).reshape(B, L, K * C), m.kernel_size, m.stride, m.padding)
+    return y.view(B, y.shape[1], K, C)
+
+
+def _cl_squeeze_excitation(run, m: SqueezeExcitation1d, prefix, x):
+    weights = run(m.fc, _child(prefix, "fc"), x.mean(dim=1))  # (B, K, C)
+    return x * weights.unsqueeze(1)
+
+
+def _cl_mrcnn(run, m: MRCNN, prefix, x):
+    small = run(m.small_kernel_branch, _child(prefix, "small_kernel_branch"), x)
+    large = run(m.large_kernel_branch, _child(prefix, "large_kernel_branch"), x)
+    return run(m.dropout, _child(prefix, "dropout"), torch.cat([small, large], dim=1))
 
 
 HANDLERS: dict[type, Callable] = {
@@ -271,6 +398,17 @@ HANDLERS: dict[type, Callable] = {
 }
 """Module type -> handler ``(run, module, prefix, x, *args)``; exact types only."""
 
+CL_HANDLERS: dict[type, Callable] = {
+    nn.Conv1d: _cl_conv,
+    UnfoldConv1d: _cl_unfold_conv,
+    nn.BatchNorm1d: _cl_batch_norm,
+    nn.MaxPool1d: _cl_max_pool,
+    SqueezeExcitation1d: _cl_squeeze_excitation,
+    MRCNN: _cl_mrcnn,
+}
+"""With ``cl_convs``, inside the MRCNN and the AFR: the handlers for ``(B, L, K, C)`` tensors (the
+others there, element-wise or walking their children, work in either order)."""
+
 # containers that hold handled modules but are walked by their parent's handler
 _CONTAINERS = (nn.ModuleList,)
 
@@ -283,7 +421,7 @@ def supports(model: nn.Module) -> bool:
 
 
 def stacked_forward(model: nn.Module, params: dict, buffers: dict, x: torch.Tensor,
-                    *, bn_fp32: bool = False) -> torch.Tensor:
+                    *, bn_fp32: bool = False, cl_convs: bool = False) -> torch.Tensor:
     """Run K copies of ``model``, one per fold, as one network.
 
     Parameters
@@ -299,6 +437,10 @@ def stacked_forward(model: nn.Module, params: dict, buffers: dict, x: torch.Tens
         ``(K, B, C, T)`` or ``(K, B, T)``: each fold's batch.
     bn_fp32 : bool
         Normalise in fp32 (for bf16 autocast).
+    cl_convs : bool
+        The MRCNN and the AFR on ``(B, L, K, C)`` tensors, their convolutions by
+        ``benchmarks/cl_conv_op.py`` (channels-last Triton kernels on CUDA; 1x1 ones as batched
+        matrix products; see :data:`CL_HANDLERS`), and the attention's softmax spelled out.
 
     Returns
     -------
@@ -311,12 +453,12 @@ def stacked_forward(model: nn.Module, params: dict, buffers: dict, x: torch.Tens
         raise NotImplementedError(f"stacked_forward cannot run {type(model).__name__}: no handler for "
                                   f"{', '.join(unsupported) or type(model).__name__}; use vmap")
     x = x.unsqueeze(2) if x.dim() == 3 else x
-    run = _Run(params, buffers, model.training, bn_fp32)
+    run = _Run(params, buffers, model.training, bn_fp32, cl_convs)
     logits = run(model, "", x.transpose(0, 1))  # (B, K, n_outputs)
     return logits.transpose(0, 1)
 
 
-def use_stacked_forward() -> None:
+def use_stacked_forward(cl_convs: bool = False) -> None:
     """Make :class:`~sleeplib.train.fast.BatchedFolds` run supported models with :func:`stacked_forward`."""
     from sleeplib.train.fast import BatchedFolds
 
@@ -324,7 +466,8 @@ def use_stacked_forward() -> None:
 
     def forward(self, flat, buffers, xb):
         if supports(self.skeleton):
-            return stacked_forward(self.skeleton, self._params(flat), buffers, xb, bn_fp32=self.amp)
+            return stacked_forward(self.skeleton, self._params(flat), buffers, xb, bn_fp32=self.amp,
+                                   cl_convs=cl_convs)
         return vmap_forward(self, flat, buffers, xb)
 
     BatchedFolds._forward_all_eager = forward
@@ -334,6 +477,11 @@ if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import train_speed
 
-    use_stacked_forward()
-    print("fold layout: stacked (benchmarks/stacked_layout.py)")
-    train_speed.main()
+    cl = "--cl-convs" in sys.argv
+    CL_OUTSIDE = "--tce-cudnn" not in sys.argv
+    EINSUM_1X1 = "--einsum-1x1" in sys.argv
+    use_stacked_forward(cl_convs=cl)
+    print(f"fold layout: stacked (benchmarks/stacked_layout.py), cl_convs={cl}, TCE convolutions by "
+          f"{'cl_conv_op' if cl and CL_OUTSIDE else 'cuDNN'}, 1x1 convolutions by "
+          f"{'einsum' if EINSUM_1X1 else 'cl_conv_op'}")
+    train_speed.main([a for a in sys.argv[1:] if a not in ("--cl-convs", "--tce-cudnn", "--einsum-1x1")])

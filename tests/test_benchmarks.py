@@ -19,6 +19,10 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 def _load(name):
     if f"bench_{name}" in sys.modules:  # once per process: fold_conv_op registers torch.library ops
         return sys.modules[f"bench_{name}"]
+    plain = sys.modules.get(name)  # already imported by another benchmark, by its plain name
+    if plain is not None and Path(getattr(plain, "__file__", "")).resolve() == BENCHMARKS / f"{name}.py":
+        sys.modules[f"bench_{name}"] = plain
+        return plain
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # torch.compile looks modules up by name
@@ -31,7 +35,9 @@ def _load(name):
     return module
 
 
-def test_stacked_layout_matches_vmap_outputs_statistics_and_gradients():
+@pytest.mark.parametrize("cl_convs", [False, True], ids=["cudnn-grouped", "cl-convs"])
+def test_stacked_layout_matches_vmap_outputs_statistics_and_gradients(cl_convs):
+    """With ``cl_convs`` the stride-1 convolutions go through cl_conv_op (its reference on CPU)."""
     stacked = _load("stacked_layout")
     # float64: in float32 the two orders of summation can flip a max-pool's choice between two
     # nearly equal values (seen at batch 6), which reroutes a gradient and makes the check flaky
@@ -53,7 +59,7 @@ def test_stacked_layout_matches_vmap_outputs_statistics_and_gradients():
         p_vmap = {n: t.detach().clone().requires_grad_() for n, t in params.items()}
         p_stacked = {n: t.detach().clone().requires_grad_() for n, t in params.items()}
         expected = run_vmap(p_vmap, b_vmap)
-        got = stacked.stacked_forward(skeleton, p_stacked, b_stacked, x)
+        got = stacked.stacked_forward(skeleton, p_stacked, b_stacked, x, cl_convs=cl_convs)
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
         for name in buffers:  # running statistics move (training) or stay (eval) alike
             torch.testing.assert_close(b_stacked[name], b_vmap[name], rtol=1e-9, atol=1e-10)
@@ -153,6 +159,72 @@ for G, B, C, O, L, k, s, p, l_out in FOLD_CONV_CASES:
     x = torch.randn(G, B, C, L, requires_grad=True)
     w = torch.randn(G, O, C, k, requires_grad=True)
     got, want = op.conv1d_folds(x, w, s, p, l_out), _fold_conv_expected(x, w, s, p, l_out)
+    gy = torch.randn_like(want)
+    pairs = zip((got, *torch.autograd.grad((got * gy).sum(), (x, w))), (want, *torch.autograd.grad((want * gy).sum(), (x, w))))
+    for a, b in pairs:
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+print("ok")
+"""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+
+
+# ---------------------------------------------------------------- cl_conv_op (channels-last Triton convolutions)
+CL_CONV_CASES = [  # (G, B, C, O, L, k, left padding, l_out)
+    (2, 3, 16, 32, 13, 8, 4, 14),   # MRCNN's: kernel 8, padding 4 on both sides
+    (3, 2, 30, 30, 10, 7, 6, 10),   # causal, 30 channels (not a multiple of the tile)
+    (2, 2, 20, 24, 9, 4, 2, 8),     # padding on the left only partly used on the right
+    (2, 3, 32, 16, 12, 1, 0, 12),   # 1x1
+    (1, 70, 16, 16, 5, 3, 1, 5),    # many samples: several weight-gradient splits
+]
+
+
+def _cl_case(case, dtype):
+    G, B, C, O, L, k, pad, l_out = case
+    torch.manual_seed(0)
+    # x (G, B, L, C) as a view of (B, L, G, C) memory, w (G, k, C, O) as a view of (G, O, C, k), as the engine passes them
+    x = torch.randn(B, L, G, C, dtype=dtype).permute(2, 0, 1, 3).requires_grad_()
+    w = torch.randn(G, O, C, k, dtype=dtype, requires_grad=True)
+    return x, w, pad, l_out
+
+
+def _cl_conv_expected(x, w, pad, l_out):
+    """Per fold ``conv1d`` of channels-first copies, zero-padded (``w`` in ``(G, O, C, k)``)."""
+    k, L = w.shape[-1], x.shape[2]
+    xf = torch.nn.functional.pad(x.permute(0, 1, 3, 2), (pad, max(l_out + k - 1 - L - pad, 0)))
+    return torch.stack([torch.nn.functional.conv1d(xf[g], w[g])[..., :l_out] for g in range(x.shape[0])]).transpose(2, 3)
+
+
+@pytest.mark.parametrize("case", CL_CONV_CASES)
+def test_cl_conv_op_matches_conv1d_with_gradients(case):
+    op = _load("cl_conv_op")
+    x, w, pad, l_out = _cl_case(case, torch.float64)
+    got = op.conv1d_cl(x, w.permute(0, 3, 2, 1), pad, l_out)
+    want = _cl_conv_expected(x, w, pad, l_out)
+    torch.testing.assert_close(got, want)
+    assert got.permute(1, 2, 0, 3).is_contiguous()  # (B, L, G, O) memory, the engine's layout
+    gy = torch.randn_like(want)
+    torch.testing.assert_close(torch.autograd.grad((got * gy).sum(), (x, w)),
+                               torch.autograd.grad((want * gy).sum(), (x, w)))
+
+
+def test_cl_conv_kernels_in_the_triton_interpreter():
+    """The Triton kernels themselves (forward, input and weight gradients), run by Triton's CPU interpreter."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+
+    script = f"""
+import sys, torch
+sys.path.insert(0, {str(BENCHMARKS)!r}); sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+import cl_conv_op as op
+from test_benchmarks import CL_CONV_CASES, _cl_case, _cl_conv_expected
+op.conv1d_cl_reference = None  # the kernels must do the work
+assert op.kernels_usable(torch.zeros(1))
+for case in CL_CONV_CASES:
+    x, w, pad, l_out = _cl_case(case, torch.float32)
+    got, want = op.conv1d_cl(x, w.permute(0, 3, 2, 1), pad, l_out), _cl_conv_expected(x, w, pad, l_out)
     gy = torch.randn_like(want)
     pairs = zip((got, *torch.autograd.grad((got * gy).sum(), (x, w))), (want, *torch.autograd.grad((want * gy).sum(), (x, w))))
     for a, b in pairs:

@@ -1,0 +1,445 @@
+"""Channels-last convolutions over folds: Triton implicit-GEMM kernels with aligned loads.
+
+A third alternative to cuDNN's grouped convolutions for the batched engine (see
+``benchmarks/RESULTS.md``, step 6), used by ``benchmarks/stacked_layout.py --cl-convs``.
+:mod:`fold_conv_op` read its inputs channels-first, so each tap's window was a shifted,
+unaligned run of samples and its kernels were 2-4x slower than cuDNN's. Here the activations
+are channels-last: ``x[g, b, l, :]`` (the ``C`` channels of fold ``g``, sample ``b``, position
+``l``) is a contiguous row. A stride-1 convolution then is a matrix product whose left operand,
+the im2col matrix, is never built: its row ``(b, l)`` for tap ``j`` is the input row
+``(b, l + j - pad)``, one aligned, vectorised load of ``C`` channels, zero where it falls in the
+padding. The input gradient is the same kernel run on the output gradient with the taps
+reversed and the weights transposed; the weight gradient is one more kernel that reduces over
+``(b, l)`` in splits.
+
+``conv1d_cl(x, w, pad, l_out)`` takes ``x (G, B, L, C)`` (any strides with the channels
+contiguous: the stacked engine passes a view of ``(B, L, K, C)`` memory) and ``w (G, O, C, k)``
+and returns ``y (G, B, l_out, O)``, in ``(B, l_out, G, O)`` memory (:func:`empty_cl`), with ``y[g, b, l, o] = sum_{c, j} w[g, o, c, j] *
+x[g, b, l + j - pad, c]`` (zero outside ``0 <= l + j - pad < L``), i.e. per fold ``conv1d``
+with ``pad`` zeros on the left and as many on the right as ``l_out`` needs. On CPU without
+Triton's interpreter it computes the same with grouped ``F.conv1d`` (the reference;
+``tests/test_benchmarks.py`` checks the kernels against it, interpreted).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fold_conv_op import triton_available
+
+__all__ = ["conv1d_cl", "conv1d_cl_reference", "empty_cl", "kernels_usable", "max_pool_cl"]
+
+
+def kernels_usable(x: Tensor) -> bool:
+    """Whether :func:`conv1d_cl` runs Triton kernels for ``x`` (CUDA, or the interpreter in tests)."""
+    return (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and triton_available()
+
+
+# ----------------------------------------------------------------------------- reference
+def conv1d_cl_reference(x: Tensor, w: Tensor, pad: int, l_out: int) -> Tensor:
+    """:func:`conv1d_cl` with grouped ``F.conv1d`` (what the kernels are tested against)."""
+    G, B, L, C = x.shape
+    k, O = w.shape[1], w.shape[3]
+    w = w.permute(0, 3, 2, 1)  # (G, O, C, k), F.conv1d's order
+    right = l_out + k - 1 - L - pad
+    xg = x.permute(1, 0, 3, 2).reshape(B, G * C, L)
+    xg = F.pad(xg, (pad, max(right, 0)))[..., :l_out + k - 1]
+    y = F.conv1d(xg, w.reshape(G * O, C, k), groups=G)  # (B, G*O, l_out)
+    return y.view(B, G, O, l_out).permute(1, 0, 3, 2)
+
+
+# ----------------------------------------------------------------------------- kernels
+@functools.cache
+def _kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def conv_cl(x_ptr, w_ptr, y_ptr, M, L, l_out, C, O, pad,
+                s_xg, s_xb, s_xl, s_wg, s_wj, s_wc, s_wo, s_yg, s_yb, s_yl,
+                TAPS: tl.constexpr, FLIP: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        # y[g, m=(b, l), o] = sum_{j, c} x[g, b, l + j - pad, c] * w[g, j', c, o], j' = j (or
+        # TAPS - 1 - j with FLIP), w read through its strides (the input gradient reads the
+        # forward's weights transposed and flipped, without a copy)
+        g = tl.program_id(2).to(tl.int64)
+        offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+        offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
+        offs_k = tl.arange(0, BK)
+        m_ok = offs_m < M
+        n_ok = offs_n < O
+        b = offs_m // l_out
+        l = offs_m % l_out
+        x_rows = x_ptr + g * s_xg + b.to(tl.int64) * s_xb
+        w_base = w_ptr + g * s_wg
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        # one flat loop over (tap, channel block), so that Triton pipelines the loads across taps;
+        # channels padded to a multiple of BK per tap (masked)
+        c_pad = tl.cdiv(C, BK) * BK
+        for kk in range(0, TAPS * c_pad, BK):
+            j = kk // c_pad
+            cc = kk - j * c_pad + offs_k
+            c_ok = cc < C
+            pos = l + j - pad
+            row_ok = m_ok & (pos >= 0) & (pos < L)
+            a = tl.load((x_rows + pos * s_xl)[:, None] + cc[None, :], mask=row_ok[:, None] & c_ok[None, :],
+                        other=0.0)
+            tap = TAPS - 1 - j if FLIP else j
+            wt = tl.load(w_base + tap * s_wj + cc[:, None] * s_wc + offs_n[None, :] * s_wo,
+                         mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = tl.dot(a, wt, acc)
+        out = y_ptr + g * s_yg + b.to(tl.int64)[:, None] * s_yb + l[:, None] * s_yl + offs_n[None, :]
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def conv_cl_wgrad(x_ptr, gy_ptr, part_ptr, M, L, l_out, C, O, pad, per_split, n_split,
+                      s_xg, s_xb, s_xl, s_yg, s_yb, s_yl, s_pg, s_ps,
+                      BR: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        # part[g, split, j * C + c, o] = sum over this split's rows m=(b, l) of
+        # x[g, b, l + j - pad, c] * gy[g, b, l, o]
+        pid_gs = tl.program_id(2)
+        g = (pid_gs // n_split).to(tl.int64)
+        split = pid_gs % n_split
+        n_cblocks = tl.cdiv(C, BR)
+        j = tl.program_id(0) // n_cblocks
+        cc = (tl.program_id(0) % n_cblocks) * BR + tl.arange(0, BR)
+        c_ok = cc < C
+        offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
+        n_ok = offs_n < O
+        x_base = x_ptr + g * s_xg
+        y_base = gy_ptr + g * s_yg
+        m_start = split * per_split
+        m_end = tl.minimum(m_start + per_split, M)
+        acc = tl.zeros((BR, BN), dtype=tl.float32)
+        for m0 in range(m_start, m_end, BK):
+            offs_m = m0 + tl.arange(0, BK)
+            m_ok = offs_m < m_end
+            b = (offs_m // l_out).to(tl.int64)
+            l = offs_m % l_out
+            pos = l + j - pad
+            x_ok = m_ok & (pos >= 0) & (pos < L)
+            xt = tl.load(x_base + (b * s_xb + pos * s_xl)[:, None] + cc[None, :],
+                         mask=x_ok[:, None] & c_ok[None, :], other=0.0)
+            gyt = tl.load(y_base + (b * s_yb + l * s_yl)[:, None] + offs_n[None, :],
+                          mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = tl.dot(tl.trans(xt), gyt, acc)
+        out = part_ptr + g * s_pg + split * s_ps + (j * C + cc)[:, None] * O + offs_n[None, :]
+        tl.store(out, acc, mask=c_ok[:, None] & n_ok[None, :])
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return conv_cl, conv_cl_wgrad
+    # on a GPU, block sizes tuned per layer shape on first use (the engine's eager warm-up step,
+    # before any CUDA graph is captured)
+    conv_configs = [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=st)
+                    for bm, bn, bk, w, st in [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+                                              (64, 128, 64, 4, 4), (128, 128, 32, 4, 4), (256, 128, 64, 8, 3),
+                                              (64, 64, 32, 4, 4), (128, 32, 32, 4, 4)]]
+    wgrad_configs = [triton.Config({"BK": bk}, num_warps=w, num_stages=st)
+                     for bk, w, st in [(64, 8, 3), (64, 4, 4), (32, 4, 4), (128, 8, 3), (32, 8, 4)]]
+    return (triton.autotune(conv_configs, key=["M", "L", "C", "O", "TAPS"])(conv_cl),
+            triton.autotune(wgrad_configs, key=["M", "L", "C", "O", "BR", "BN"])(conv_cl_wgrad))
+
+
+def _pow2(n: int, lo: int, hi: int) -> int:
+    b = lo
+    while b < n and b < hi:
+        b *= 2
+    return b
+
+
+def _check(x: Tensor, what: str) -> None:
+    if x.stride(-1) != 1:
+        raise ValueError(f"conv1d_cl needs {what} with contiguous channels (stride 1 in the last "
+                         f"dimension), got strides {x.stride()}")
+
+
+def _run_conv(x: Tensor, w: Tensor, w_strides: tuple, flip: bool, pad: int, l_out: int, O: int,
+              taps: int) -> Tensor:
+    """``x (G, B, L, C)`` channels contiguous, weights ``w`` read as ``(G, taps, C, O)`` through
+    ``w_strides`` -> ``(G, B, l_out, O)``."""
+    import triton
+
+    conv_cl, _ = _kernels()
+    _check(x, "x")
+    G, B, L, C = x.shape
+    y = empty_cl(G, B, l_out, O, like=x)
+    M = B * l_out
+    args = (x, w, y, M, L, l_out, C, O, pad,
+            x.stride(0), x.stride(1), x.stride(2), *w_strides, y.stride(0), y.stride(1), y.stride(2))
+    if x.is_cuda:
+        conv_cl[lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(O, meta["BN"]), G)](
+            *args, TAPS=taps, FLIP=flip)
+    else:  # the interpreter
+        BM, BN, BK = 32, _pow2(O, 16, 128), _pow2(C, 16, 64)
+        conv_cl[(triton.cdiv(M, BM), triton.cdiv(O, BN), G)](*args, TAPS=taps, FLIP=flip, BM=BM, BN=BN, BK=BK)
+    return y
+
+
+def _forward_kernel(x: Tensor, w: Tensor, pad: int, l_out: int) -> Tensor:
+    return _run_conv(x, w, w.stride(), False, pad, l_out, w.shape[3], w.shape[1])
+
+
+def _grad_input_kernel(gy: Tensor, w: Tensor, pad: int, length: int) -> Tensor:
+    # gx[b, i, c] = sum_{j, o} gy[b, i + pad - j, o] * w[j, c, o]; with j' = k - 1 - j it is the
+    # same convolution of gy, left padding k - 1 - pad, weights transposed and taps reversed
+    k = w.shape[1]
+    s_g, s_j, s_c, s_o = w.stride()
+    return _run_conv(gy, w, (s_g, s_j, s_o, s_c), True, k - 1 - pad, length, w.shape[2], k)
+
+
+def _grad_weight_kernel(gy: Tensor, x: Tensor, pad: int, k: int) -> Tensor:
+    import triton
+
+    _, conv_cl_wgrad = _kernels()
+    _check(x, "x")
+    _check(gy, "the output gradient")
+    G, B, L, C = x.shape
+    l_out, O = gy.shape[2], gy.shape[3]
+    M = B * l_out
+    BR = _pow2(C, 16, 128)
+    BN = _pow2(O, 16, 128)
+    BK = 128 if x.is_cuda else 16  # the largest block the tuner may pick: splits are multiples of it
+    tiles = G * k * triton.cdiv(C, BR) * triton.cdiv(O, BN)
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    n_split = max(1, min(triton.cdiv(M, BK), triton.cdiv(4 * sms, tiles)))
+    per_split = triton.cdiv(triton.cdiv(M, n_split), BK) * BK
+    n_split = triton.cdiv(M, per_split)
+    part = torch.empty(G, n_split, k, C, O, device=x.device, dtype=torch.float32)
+    grid = (k * triton.cdiv(C, BR), triton.cdiv(O, BN), G * n_split)
+    args = (x, gy, part, M, L, l_out, C, O, pad, per_split, n_split,
+            x.stride(0), x.stride(1), x.stride(2), gy.stride(0), gy.stride(1), gy.stride(2),
+            part.stride(0), part.stride(1))
+    if x.is_cuda:
+        conv_cl_wgrad[grid](*args, BR=BR, BN=BN)
+    else:  # the interpreter
+        conv_cl_wgrad[grid](*args, BR=BR, BN=BN, BK=BK)
+    return part.sum(1)
+
+
+def empty_cl(G: int, B: int, L: int, C: int, like: Tensor) -> Tensor:
+    """An uninitialised ``(G, B, L, C)`` tensor in ``(B, L, G, C)`` memory, the stacked engine's layout
+    (every fold's channels side by side, so batch norm over ``G * C`` channels needs no copy)."""
+    return torch.empty(B, L, G, C, device=like.device, dtype=like.dtype).permute(2, 0, 1, 3)
+
+
+def _as_cl(y: Tensor) -> Tensor:
+    out = empty_cl(*y.shape, like=y)
+    return out.copy_(y)
+
+
+def _channels_contiguous(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+# ----------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("sleeplib_bench::conv1d_cl", mutates_args=())
+def conv1d_cl(x: Tensor, w: Tensor, pad: int, l_out: int) -> Tensor:
+    """``(G, B, L, C) x (G, k, C, O) -> (G, B, l_out, O)``: G channels-last ``conv1d`` s (module doc)."""
+    if x.ndim != 4 or w.ndim != 4 or x.shape[0] != w.shape[0] or x.shape[3] != w.shape[2]:
+        raise ValueError(f"conv1d_cl needs x (G, B, L, C) and w (G, k, C, O) with the same G and C, "
+                         f"got {tuple(x.shape)} and {tuple(w.shape)}")
+    if kernels_usable(x):
+        return _forward_kernel(_channels_contiguous(x), w, pad, l_out)
+    return _as_cl(conv1d_cl_reference(x, w, pad, l_out))
+
+
+@conv1d_cl.register_fake
+def _(x, w, pad, l_out):
+    return empty_cl(x.shape[0], x.shape[1], l_out, w.shape[3], like=x)
+
+
+@torch.library.custom_op("sleeplib_bench::conv1d_cl_grad_input", mutates_args=())
+def _conv1d_cl_grad_input(gy: Tensor, w: Tensor, pad: int, length: int) -> Tensor:
+    if kernels_usable(gy):
+        return _grad_input_kernel(_channels_contiguous(gy), w, pad, length)
+    k = w.shape[1]
+    return _as_cl(conv1d_cl_reference(gy, w.flip(1).transpose(2, 3), k - 1 - pad, length))
+
+
+@_conv1d_cl_grad_input.register_fake
+def _(gy, w, pad, length):
+    return empty_cl(gy.shape[0], gy.shape[1], length, w.shape[2], like=gy)
+
+
+@torch.library.custom_op("sleeplib_bench::conv1d_cl_grad_weight", mutates_args=())
+def _conv1d_cl_grad_weight(gy: Tensor, x: Tensor, pad: int, k: int) -> Tensor:
+    if kernels_usable(x):
+        return _grad_weight_kernel(_channels_contiguous(gy), _channels_contiguous(x), pad, k).to(x.dtype).contiguous()
+    G, B, L, C = x.shape
+    l_out, O = gy.shape[2], gy.shape[3]
+    right = l_out + k - 1 - L - pad
+    xg = F.pad(x.permute(1, 0, 3, 2).reshape(B, G * C, L), (pad, max(right, 0)))[..., :l_out + k - 1]
+    gyg = gy.permute(1, 0, 3, 2).reshape(B, G * O, l_out)
+    gw = torch.nn.grad.conv1d_weight(xg, (G * O, C, k), gyg, groups=G)
+    return gw.view(G, O, C, k).permute(0, 3, 2, 1).contiguous()
+
+
+@_conv1d_cl_grad_weight.register_fake
+def _(gy, x, pad, k):
+    return x.new_empty(x.shape[0], k, x.shape[3], gy.shape[3])
+
+
+def _setup_context(ctx, inputs, output):
+    x, w, pad, _ = inputs
+    ctx.save_for_backward(x, w)
+    ctx.pad = pad
+
+
+def _backward(ctx, gy):
+    x, w = ctx.saved_tensors
+    gx = gw = None
+    if ctx.needs_input_grad[0]:
+        gx = _conv1d_cl_grad_input(gy, w, ctx.pad, x.shape[2])
+    if ctx.needs_input_grad[1]:
+        gw = _conv1d_cl_grad_weight(gy, x, ctx.pad, w.shape[1])
+    return gx, gw, None, None
+
+
+conv1d_cl.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- max-pooling
+# A fused max-pool was the other half of the cost: written as strided slices for inductor, the
+# batch norm and GELU before it were recomputed for every window position (kernel 8: 8 times)
+# and eight boolean masks were saved for the backward. This op keeps one int8 offset per output.
+@functools.cache
+def _pool_kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def pool_fwd(x_ptr, y_ptr, idx_ptr, R, L, l_out, G, stride, pad,
+                 KERNEL: tl.constexpr, BR: tl.constexpr, BG: tl.constexpr):
+        # y[b, l, g] = max_j x[b, l * stride - pad + j, g] (positions outside [0, L) are -inf);
+        # idx: the first j attaining it
+        rows = tl.program_id(0) * BR + tl.arange(0, BR)
+        cols = tl.program_id(1) * BG + tl.arange(0, BG)
+        r_ok = rows < R
+        g_ok = cols < G
+        b = (rows // l_out).to(tl.int64)
+        l = rows % l_out
+        best = tl.full((BR, BG), float("-inf"), tl.float32)
+        arg = tl.zeros((BR, BG), dtype=tl.int32)
+        for j in range(KERNEL):
+            pos = l * stride - pad + j
+            ok = r_ok & (pos >= 0) & (pos < L)
+            v = tl.load(x_ptr + (b * L + pos)[:, None] * G + cols[None, :], mask=ok[:, None] & g_ok[None, :],
+                        other=float("-inf")).to(tl.float32)
+            take = v > best
+            best = tl.where(take, v, best)
+            arg = tl.where(take, j, arg)
+        out = (b * l_out + l)[:, None] * G + cols[None, :]
+        mask = r_ok[:, None] & g_ok[None, :]
+        tl.store(y_ptr + out, best.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(idx_ptr + out, arg.to(tl.int8), mask=mask)
+
+    @triton.jit
+    def pool_bwd(gy_ptr, idx_ptr, gx_ptr, R, L, l_out, G, stride, pad,
+                 KERNEL: tl.constexpr, WINDOWS: tl.constexpr, BR: tl.constexpr, BG: tl.constexpr):
+        # gx[b, i, g] = sum over the windows l holding i whose maximum sat at i
+        rows = tl.program_id(0) * BR + tl.arange(0, BR)  # (b, i)
+        cols = tl.program_id(1) * BG + tl.arange(0, BG)
+        r_ok = rows < R
+        g_ok = cols < G
+        b = (rows // L).to(tl.int64)
+        i = rows % L
+        last = (i + pad) // stride  # the last window that can hold i
+        acc = tl.zeros((BR, BG), dtype=tl.float32)
+        for w in range(WINDOWS):
+            l = last - w
+            j = i + pad - l * stride
+            ok = r_ok & (l >= 0) & (l < l_out) & (j < KERNEL)
+            at = (b * l_out + l)[:, None] * G + cols[None, :]
+            m = ok[:, None] & g_ok[None, :]
+            hit = tl.load(idx_ptr + at, mask=m, other=-1).to(tl.int32) == j[:, None]
+            acc += tl.where(hit & m, tl.load(gy_ptr + at, mask=m, other=0.0).to(tl.float32), 0.0)
+        tl.store(gx_ptr + rows.to(tl.int64)[:, None] * G + cols[None, :], acc.to(gx_ptr.dtype.element_ty),
+                 mask=r_ok[:, None] & g_ok[None, :])
+
+    return pool_fwd, pool_bwd
+
+
+def _pool_out(L: int, kernel: int, stride: int, pad: int) -> int:
+    return (L + 2 * pad - kernel) // stride + 1
+
+
+def _pool_blocks(G: int, interpret: bool) -> tuple[int, int]:
+    return (16, _pow2(G, 16, 64)) if interpret else (32, _pow2(G, 16, 128))
+
+
+@torch.library.custom_op("sleeplib_bench::max_pool_cl", mutates_args=())
+def max_pool_cl(x: Tensor, kernel: int, stride: int, pad: int) -> tuple[Tensor, Tensor]:
+    """Max-pool ``x (B, L, G)`` (contiguous) along ``L`` like ``max_pool1d`` (the first of equal
+    maxima wins); returns the pooled ``(B, l_out, G)`` and the int8 offset of each maximum in its window."""
+    B, L, G = x.shape
+    l_out = _pool_out(L, kernel, stride, pad)
+    if kernel > 127 or pad > kernel // 2:
+        raise ValueError(f"max_pool_cl needs kernel <= 127 and pad <= kernel // 2, got {kernel}, {pad}")
+    x = x.contiguous()
+    if kernels_usable(x):
+        import triton
+
+        pool_fwd, _ = _pool_kernels()
+        y = torch.empty(B, l_out, G, device=x.device, dtype=x.dtype)
+        idx = torch.empty(B, l_out, G, device=x.device, dtype=torch.int8)
+        BR, BG = _pool_blocks(G, not x.is_cuda)
+        R = B * l_out
+        pool_fwd[(triton.cdiv(R, BR), triton.cdiv(G, BG))](x, y, idx, R, L, l_out, G, stride, pad,
+                                                          KERNEL=kernel, BR=BR, BG=BG)
+        return y, idx
+    windows = F.pad(x.transpose(1, 2), (pad, pad), value=float("-inf")).unfold(-1, kernel, stride)
+    y, idx = windows.max(-1)  # the first maximum, as max_pool1d
+    return y.transpose(1, 2).contiguous(), idx.to(torch.int8).transpose(1, 2).contiguous()
+
+
+@max_pool_cl.register_fake
+def _(x, kernel, stride, pad):
+    B, L, G = x.shape
+    l_out = _pool_out(L, kernel, stride, pad)
+    return x.new_empty(B, l_out, G), x.new_empty(B, l_out, G, dtype=torch.int8)
+
+
+@torch.library.custom_op("sleeplib_bench::max_pool_cl_backward", mutates_args=())
+def _max_pool_cl_backward(gy: Tensor, idx: Tensor, length: int, kernel: int, stride: int, pad: int) -> Tensor:
+    B, l_out, G = gy.shape
+    gy = gy.contiguous()
+    if kernels_usable(gy):
+        import triton
+
+        _, pool_bwd = _pool_kernels()
+        gx = torch.empty(B, length, G, device=gy.device, dtype=gy.dtype)
+        BR, BG = _pool_blocks(G, not gy.is_cuda)
+        R = B * length
+        pool_bwd[(triton.cdiv(R, BR), triton.cdiv(G, BG))](gy, idx, gx, R, length, l_out, G, stride, pad,
+                                                          KERNEL=kernel, WINDOWS=-(-kernel // stride),
+                                                          BR=BR, BG=BG)
+        return gx
+    pos = torch.arange(l_out, device=gy.device)[None, :, None] * stride - pad + idx.long()
+    gx = torch.zeros(B, length + 2 * kernel, G, device=gy.device, dtype=gy.dtype)  # room for any window
+    gx.scatter_add_(1, pos + kernel, gy)
+    return gx[:, kernel:kernel + length].contiguous()
+
+
+@_max_pool_cl_backward.register_fake
+def _(gy, idx, length, kernel, stride, pad):
+    return gy.new_empty(gy.shape[0], length, gy.shape[2])
+
+
+def _pool_setup_context(ctx, inputs, output):
+    x, kernel, stride, pad = inputs
+    ctx.save_for_backward(output[1])
+    ctx.length, ctx.kernel, ctx.stride, ctx.pad = x.shape[1], kernel, stride, pad
+    ctx.mark_non_differentiable(output[1])
+
+
+def _pool_backward(ctx, gy, _gidx):
+    (idx,) = ctx.saved_tensors
+    return _max_pool_cl_backward(gy, idx, ctx.length, ctx.kernel, ctx.stride, ctx.pad), None, None, None
+
+
+max_pool_cl.register_autograd(_pool_backward, setup_context=_pool_setup_context)
