@@ -96,7 +96,7 @@ def main(argv=None):
         gy_cl = gy.permute(1, 3, 0, 2).contiguous().permute(2, 0, 1, 3)
 
         def cl():
-            out = conv1d_cl(x_cl, w.permute(0, 3, 2, 1), pad, l_out)
+            out = conv1d_cl(x_cl, w.permute(0, 3, 2, 1).contiguous(), pad, l_out)  # packed, as the engine does
             return out, torch.autograd.grad(out, [t for t in (x_cl, w) if t.requires_grad], gy_cl)
 
         (yg, grads_g), (yf, grads_f) = grouped(), fold()

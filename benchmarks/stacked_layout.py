@@ -1,9 +1,16 @@
 """Benchmark of an alternative to vmap: K fold models run as one network, folds in the channels.
 
-Measured slower than the vmap engine on an H100 (``benchmarks/RESULTS.md``, step 4), so it is
-kept here, not in ``sleeplib``, to make that result reproducible::
+As first written (cuDNN's grouped convolutions), measured slower than the vmap engine on an H100
+(``benchmarks/RESULTS.md``, step 4); with ``--cl-convs`` (step 6: the MRCNN and the AFR on
+channels-last ``(B, L, K, C)`` tensors, convolutions and max-pooling by the Triton kernels of
+``cl_conv_op.py``) 1.16x faster than it in the same run on an H200. It stays here, not in
+``sleeplib``, because it needs Triton and runs only AttnSleep's module types::
 
     python3 benchmarks/stacked_layout.py --device cuda --folds 20 --epochs 3 --skip-naive --amp bf16 --compile
+    python3 benchmarks/stacked_layout.py --device cuda --folds 20 --epochs 3 --skip-naive --amp bf16 --compile --cl-convs
+
+(``--tce-cudnn``: the TCE's convolutions by cuDNN instead; ``--einsum-1x1``: the AFR's 1x1 ones as
+``einsum``; both measured no faster.)
 
 takes :mod:`benchmarks.train_speed`'s arguments and runs it with
 :meth:`~sleeplib.train.fast.BatchedFolds._forward_all_eager` replaced by :func:`stacked_forward`.

@@ -73,6 +73,22 @@ def test_stacked_layout_matches_vmap_outputs_statistics_and_gradients(cl_convs):
                     torch.testing.assert_close(p_stacked[name].grad, p.grad, rtol=1e-7, atol=1e-9 * float(scale))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("flags, says", [(["--cl-convs"], "TCE convolutions by cl_conv_op, 1x1 convolutions by cl_conv_op"),
+                                          (["--cl-convs", "--tce-cudnn", "--einsum-1x1"],
+                                           "TCE convolutions by cuDNN, 1x1 convolutions by einsum")])
+def test_stacked_layout_script_trains_on_cpu(tmp_path, flags, says):
+    import subprocess
+
+    out = tmp_path / "speed.json"
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "stacked_layout.py"), "--device", "cpu", "--n-samples", "64",
+                          "--batch", "16", "--folds", "2", "--epochs", "1", "--skip-naive", "--json", str(out), *flags],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert says in run.stdout and "s per fold-epoch" in run.stdout
+    assert json.loads(out.read_text())["batched_s_per_fold_epoch"] > 0
+
+
 def test_stacked_layout_refuses_models_it_cannot_run():
     stacked = _load("stacked_layout")
     model = build_model("attnsleep_conformer")
@@ -209,8 +225,26 @@ def test_cl_conv_op_matches_conv1d_with_gradients(case):
                                torch.autograd.grad((want * gy).sum(), (x, w)))
 
 
+POOL_CASES = [(3, 37, 20, 8, 2, 4), (2, 31, 24, 4, 4, 2), (2, 16, 5, 2, 2, 1), (2, 30, 7, 3, 1, 1)]  # B, L, G, k, s, p
+
+
+@pytest.mark.parametrize("case", POOL_CASES)
+def test_cl_max_pool_matches_max_pool1d_with_gradients(case):
+    op = _load("cl_conv_op")
+    B, L, G, k, s, p = case
+    torch.manual_seed(0)
+    x = torch.randn(B, L, G, dtype=torch.float64, requires_grad=True)
+    got, offsets = op.max_pool_cl(x, k, s, p)
+    want = torch.nn.functional.max_pool1d(x.transpose(1, 2), k, s, p).transpose(1, 2)
+    torch.testing.assert_close(got, want)
+    assert offsets.dtype == torch.int8 and int(offsets.min()) >= 0 and int(offsets.max()) < k
+    gy = torch.randn_like(want)
+    torch.testing.assert_close(torch.autograd.grad((got * gy).sum(), x), torch.autograd.grad((want * gy).sum(), x))
+
+
 def test_cl_conv_kernels_in_the_triton_interpreter():
-    """The Triton kernels themselves (forward, input and weight gradients), run by Triton's CPU interpreter."""
+    """The Triton kernels themselves (convolution: forward, input and weight gradients; max-pool:
+    forward and backward), run by Triton's CPU interpreter."""
     pytest.importorskip("triton")
     import os
     import subprocess
@@ -219,7 +253,7 @@ def test_cl_conv_kernels_in_the_triton_interpreter():
 import sys, torch
 sys.path.insert(0, {str(BENCHMARKS)!r}); sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
 import cl_conv_op as op
-from test_benchmarks import CL_CONV_CASES, _cl_case, _cl_conv_expected
+from test_benchmarks import CL_CONV_CASES, POOL_CASES, _cl_case, _cl_conv_expected
 op.conv1d_cl_reference = None  # the kernels must do the work
 assert op.kernels_usable(torch.zeros(1))
 for case in CL_CONV_CASES:
@@ -229,6 +263,13 @@ for case in CL_CONV_CASES:
     pairs = zip((got, *torch.autograd.grad((got * gy).sum(), (x, w))), (want, *torch.autograd.grad((want * gy).sum(), (x, w))))
     for a, b in pairs:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+for B, L, G, k, s, p in POOL_CASES:  # the max-pool kernels: forward and backward
+    x = torch.randn(B, L, G, requires_grad=True)
+    got, _ = op.max_pool_cl(x, k, s, p)
+    want = torch.nn.functional.max_pool1d(x.transpose(1, 2), k, s, p).transpose(1, 2)
+    gy = torch.randn_like(want)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad((got * gy).sum(), x), torch.autograd.grad((want * gy).sum(), x))
 print("ok")
 """
     env = {**os.environ, "TRITON_INTERPRET": "1"}
