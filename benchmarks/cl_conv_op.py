@@ -30,26 +30,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fold_conv_op import triton_available
+from fold_conv_op import kernels_usable  # the same test: CUDA, or the interpreter
 
 __all__ = ["conv1d_cl", "conv1d_cl_reference", "empty_cl", "kernels_usable", "max_pool_cl"]
 
 
-def kernels_usable(x: Tensor) -> bool:
-    """Whether :func:`conv1d_cl` runs Triton kernels for ``x`` (CUDA, or the interpreter in tests)."""
-    return (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and triton_available()
-
-
 # ----------------------------------------------------------------------------- reference
+def _grouped_padded(x: Tensor, pad: int, l_out: int, k: int) -> Tensor:
+    """``x (G, B, L, C)`` as grouped ``conv1d``'s ``(B, G*C, l_out + k - 1)``: ``pad`` zeros on the left,
+    cut or zero-filled on the right."""
+    G, B, L, C = x.shape
+    xg = x.permute(1, 0, 3, 2).reshape(B, G * C, L)
+    return F.pad(xg, (pad, max(l_out + k - 1 - L - pad, 0)))[..., :l_out + k - 1]
+
+
 def conv1d_cl_reference(x: Tensor, w: Tensor, pad: int, l_out: int) -> Tensor:
     """:func:`conv1d_cl` with grouped ``F.conv1d`` (what the kernels are tested against)."""
     G, B, L, C = x.shape
     k, O = w.shape[1], w.shape[3]
     w = w.permute(0, 3, 2, 1)  # (G, O, C, k), F.conv1d's order
-    right = l_out + k - 1 - L - pad
-    xg = x.permute(1, 0, 3, 2).reshape(B, G * C, L)
-    xg = F.pad(xg, (pad, max(right, 0)))[..., :l_out + k - 1]
-    y = F.conv1d(xg, w.reshape(G * O, C, k), groups=G)  # (B, G*O, l_out)
+    y = F.conv1d(_grouped_padded(x, pad, l_out, k), w.reshape(G * O, C, k), groups=G)  # (B, G*O, l_out)
     return y.view(B, G, O, l_out).permute(1, 0, 3, 2)
 
 
@@ -272,10 +272,8 @@ def _conv1d_cl_grad_weight(gy: Tensor, x: Tensor, pad: int, k: int) -> Tensor:
         return _grad_weight_kernel(_channels_contiguous(gy), _channels_contiguous(x), pad, k).to(x.dtype).contiguous()
     G, B, L, C = x.shape
     l_out, O = gy.shape[2], gy.shape[3]
-    right = l_out + k - 1 - L - pad
-    xg = F.pad(x.permute(1, 0, 3, 2).reshape(B, G * C, L), (pad, max(right, 0)))[..., :l_out + k - 1]
     gyg = gy.permute(1, 0, 3, 2).reshape(B, G * O, l_out)
-    gw = torch.nn.grad.conv1d_weight(xg, (G * O, C, k), gyg, groups=G)
+    gw = torch.nn.grad.conv1d_weight(_grouped_padded(x, pad, l_out, k), (G * O, C, k), gyg, groups=G)
     return gw.view(G, O, C, k).permute(0, 3, 2, 1).contiguous()
 
 

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["conv1d_folds", "conv1d_folds_reference", "triton_available", "use_fold_convs"]
+__all__ = ["conv1d_folds", "conv1d_folds_reference", "kernels_usable", "triton_available", "use_fold_convs"]
 
 
 @functools.cache
@@ -51,7 +51,8 @@ def triton_available() -> bool:
     return True
 
 
-def _use_kernels(x: Tensor) -> bool:
+def kernels_usable(x: Tensor) -> bool:
+    """Whether Triton kernels run for ``x``: on CUDA, or in Triton's interpreter (CPU tests)."""
     import os
 
     interpret = os.environ.get("TRITON_INTERPRET") == "1"  # CPU tests run the kernels interpreted
@@ -243,7 +244,7 @@ def conv1d_folds(x: Tensor, w: Tensor, stride: int, padding: int, l_out: int) ->
     if x.ndim != 4 or w.ndim != 4 or x.shape[0] != w.shape[0] or x.shape[2] != w.shape[2]:
         raise ValueError(f"conv1d_folds needs x (G, B, C, L) and w (G, O, C, k) with the same G and C, "
                          f"got {tuple(x.shape)} and {tuple(w.shape)}")
-    if _use_kernels(x):
+    if kernels_usable(x):
         return _forward_kernel(x.contiguous(), w.contiguous(), stride, padding, l_out)
     return conv1d_folds_reference(x, w, stride, padding, l_out).contiguous()
 
@@ -255,7 +256,7 @@ def _(x, w, stride, padding, l_out):
 
 @torch.library.custom_op("sleeplib_bench::conv1d_folds_grad_input", mutates_args=())
 def _conv1d_folds_grad_input(gy: Tensor, w: Tensor, stride: int, padding: int, length: int) -> Tensor:
-    if _use_kernels(gy) and stride == 1:
+    if kernels_usable(gy) and stride == 1:
         return _grad_input_kernel(gy.contiguous(), w.contiguous(), padding, length)
     return _grad_input_reference(gy, w, stride, padding, length).contiguous()
 
@@ -267,7 +268,7 @@ def _(gy, w, stride, padding, length):
 
 @torch.library.custom_op("sleeplib_bench::conv1d_folds_grad_weight", mutates_args=())
 def _conv1d_folds_grad_weight(gy: Tensor, x: Tensor, stride: int, padding: int, k: int) -> Tensor:
-    if _use_kernels(x):
+    if kernels_usable(x):
         return _grad_weight_kernel(gy.contiguous(), x.contiguous(), stride, padding, k).to(x.dtype)
     return _grad_weight_reference(gy, x, stride, padding, k).contiguous()
 

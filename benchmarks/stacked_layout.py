@@ -90,6 +90,11 @@ class _Run:
         handler = CL_HANDLERS.get(type(module)) if self.cl_mode else None
         return (handler or HANDLERS[type(module)])(self, module, prefix, x, *args)
 
+    @property
+    def length_dim(self) -> int:
+        """The axis along the signal: ``-1`` of ``(B, K, C, L)``, or ``1`` of ``(B, L, K, C)`` in cl mode."""
+        return 1 if self.cl_mode else -1
+
     def p(self, prefix: str, name: str) -> torch.Tensor | None:
         return self.params.get(prefix + name)
 
@@ -143,19 +148,21 @@ def _unfold_conv(run, m: UnfoldConv1d, prefix, x):
 
 
 def _batch_norm(run, m: nn.BatchNorm1d, prefix, x):
+    """Each fold's batch norm: over ``K*C`` channels of ``(B, K, C, L)`` (or of ``(B, L, K, C)`` in cl mode)."""
     if not m.track_running_stats or not m.affine or m.momentum is None:
         raise NotImplementedError("stacked batch norm needs affine=True, track_running_stats=True and a "
                                   "momentum (not the cumulative average)")
-    B, K, C = x.shape[:3]
-    training = run.training
-    momentum = m.momentum
     nbt = run.buffers.get(prefix + "num_batches_tracked")
-    if training and nbt is not None:
+    if run.training and nbt is not None:
         nbt.add_(1)
     xin = x.float() if run.bn_fp32 else x
-    y = F.batch_norm(xin.reshape(B, K * C, -1), run.buffers[prefix + "running_mean"].view(-1),
+    if run.cl_mode:  # (B, L, K, C) -> (B*L, K*C): channels last, no copy
+        xin = xin.reshape(-1, x.shape[2] * x.shape[3])
+    else:
+        xin = xin.reshape(x.shape[0], x.shape[1] * x.shape[2], -1)
+    y = F.batch_norm(xin, run.buffers[prefix + "running_mean"].view(-1),
                      run.buffers[prefix + "running_var"].view(-1), run.p(prefix, "weight").reshape(-1),
-                     run.p(prefix, "bias").reshape(-1), training, momentum, m.eps)
+                     run.p(prefix, "bias").reshape(-1), run.training, m.momentum, m.eps)
     return y.view(x.shape)
 
 
@@ -205,8 +212,8 @@ def _std_layer_norm(run, m: StdLayerNorm, prefix, x):
 
 # ---------------------------------------------------------------------------- AttnSleep blocks
 def _squeeze_excitation(run, m: SqueezeExcitation1d, prefix, x):
-    weights = run(m.fc, _child(prefix, "fc"), x.mean(dim=-1))  # (B, K, C)
-    return x * weights.unsqueeze(-1)
+    weights = run(m.fc, _child(prefix, "fc"), x.mean(dim=run.length_dim))  # (B, K, C)
+    return x * weights.unsqueeze(run.length_dim)
 
 
 def _se_residual(run, m: SEResidualBlock1d, prefix, x):
@@ -219,7 +226,7 @@ def _se_residual(run, m: SEResidualBlock1d, prefix, x):
 def _mrcnn(run, m: MRCNN, prefix, x):
     small = run(m.small_kernel_branch, _child(prefix, "small_kernel_branch"), x)
     large = run(m.large_kernel_branch, _child(prefix, "large_kernel_branch"), x)
-    return run(m.dropout, _child(prefix, "dropout"), torch.cat([small, large], dim=-1))
+    return run(m.dropout, _child(prefix, "dropout"), torch.cat([small, large], dim=run.length_dim))
 
 
 def _attention(run, m: CausalConvMultiHeadAttention, prefix, query, key_value_input):
@@ -342,21 +349,6 @@ def _cl_unfold_conv(run, m: UnfoldConv1d, prefix, x):
     return y if b is None else y + b.to(y.dtype)
 
 
-def _cl_batch_norm(run, m: nn.BatchNorm1d, prefix, x):
-    if not m.track_running_stats or not m.affine or m.momentum is None:
-        raise NotImplementedError("stacked batch norm needs affine=True, track_running_stats=True and a "
-                                  "momentum (not the cumulative average)")
-    B, L, K, C = x.shape
-    nbt = run.buffers.get(prefix + "num_batches_tracked")
-    if run.training and nbt is not None:
-        nbt.add_(1)
-    xin = x.float() if run.bn_fp32 else x
-    y = F.batch_norm(xin.reshape(B * L, K * C), run.buffers[prefix + "running_mean"].view(-1),
-                     run.buffers[prefix + "running_var"].view(-1), run.p(prefix, "weight").reshape(-1),
-                     run.p(prefix, "bias").reshape(-1), run.training, m.momentum, m.eps)
-    return y.view(x.shape)
-
-
 def _cl_max_pool(run, m: nn.MaxPool1d, prefix, x):
     """Max-pooling along ``L`` of ``(B, L, K, C)`` by cl_conv_op's kernels, in the autocast dtype
     (rounding commutes with the maximum; only the choice among maxima that rounding makes equal can
@@ -366,17 +358,6 @@ def _cl_max_pool(run, m: nn.MaxPool1d, prefix, x):
     B, L, K, C = x.shape
     y, _ = max_pool_cl(x.to(_autocast_dtype(x)).reshape(B, L, K * C), m.kernel_size, m.stride, m.padding)
     return y.view(B, y.shape[1], K, C)
-
-
-def _cl_squeeze_excitation(run, m: SqueezeExcitation1d, prefix, x):
-    weights = run(m.fc, _child(prefix, "fc"), x.mean(dim=1))  # (B, K, C)
-    return x * weights.unsqueeze(1)
-
-
-def _cl_mrcnn(run, m: MRCNN, prefix, x):
-    small = run(m.small_kernel_branch, _child(prefix, "small_kernel_branch"), x)
-    large = run(m.large_kernel_branch, _child(prefix, "large_kernel_branch"), x)
-    return run(m.dropout, _child(prefix, "dropout"), torch.cat([small, large], dim=1))
 
 
 HANDLERS: dict[type, Callable] = {
@@ -408,13 +389,10 @@ HANDLERS: dict[type, Callable] = {
 CL_HANDLERS: dict[type, Callable] = {
     nn.Conv1d: _cl_conv,
     UnfoldConv1d: _cl_unfold_conv,
-    nn.BatchNorm1d: _cl_batch_norm,
     nn.MaxPool1d: _cl_max_pool,
-    SqueezeExcitation1d: _cl_squeeze_excitation,
-    MRCNN: _cl_mrcnn,
 }
 """With ``cl_convs``, inside the MRCNN and the AFR: the handlers for ``(B, L, K, C)`` tensors (the
-others there, element-wise or walking their children, work in either order)."""
+others there work in either order, taking the length axis from :attr:`_Run.length_dim`)."""
 
 # containers that hold handled modules but are walked by their parent's handler
 _CONTAINERS = (nn.ModuleList,)

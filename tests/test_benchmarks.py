@@ -123,6 +123,16 @@ def test_train_speed_full_schedule_resumes_across_processes(tmp_path):
     assert len(second["best_epochs"]) == 2 and json.loads(ckpt.with_name("state.pt.json").read_text())["processes"] == procs
 
 
+def _run_interpreted(script):
+    """Run ``script`` in a fresh Python with Triton's CPU interpreter on; it must print "ok" last."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+
+
 # ---------------------------------------------------------------- fold_conv_op (Triton conv kernels)
 FOLD_CONV_CASES = [  # (G, B, C, O, L, k, stride, padding, l_out or None for conv1d's)
     (2, 3, 4, 5, 37, 8, 1, 4, None),      # MRCNN's padded convolutions
@@ -159,16 +169,13 @@ def test_fold_conv_op_matches_conv1d_with_gradients(case):
 def test_fold_conv_kernels_in_the_triton_interpreter(tmp_path):
     """The Triton kernels themselves (forward, input and weight gradients), run by Triton's CPU interpreter."""
     pytest.importorskip("triton")
-    import os
-    import subprocess
-
     script = f"""
 import sys, torch
 sys.path.insert(0, {str(BENCHMARKS)!r}); sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
 import fold_conv_op as op
 from test_benchmarks import FOLD_CONV_CASES, _fold_conv_expected
 op.conv1d_folds_reference = None  # the kernels must do the work
-assert op._use_kernels(torch.zeros(1))
+assert op.kernels_usable(torch.zeros(1))
 for G, B, C, O, L, k, s, p, l_out in FOLD_CONV_CASES:
     l_out = l_out or (L + 2 * p - k) // s + 1
     torch.manual_seed(0)
@@ -181,9 +188,7 @@ for G, B, C, O, L, k, s, p, l_out in FOLD_CONV_CASES:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 print("ok")
 """
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+    _run_interpreted(script)
 
 
 # ---------------------------------------------------------------- cl_conv_op (channels-last Triton convolutions)
@@ -246,9 +251,6 @@ def test_cl_conv_kernels_in_the_triton_interpreter():
     """The Triton kernels themselves (convolution: forward, input and weight gradients; max-pool:
     forward and backward), run by Triton's CPU interpreter."""
     pytest.importorskip("triton")
-    import os
-    import subprocess
-
     script = f"""
 import sys, torch
 sys.path.insert(0, {str(BENCHMARKS)!r}); sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
@@ -272,9 +274,7 @@ for B, L, G, k, s, p in POOL_CASES:  # the max-pool kernels: forward and backwar
     torch.testing.assert_close(torch.autograd.grad((got * gy).sum(), x), torch.autograd.grad((want * gy).sum(), x))
 print("ok")
 """
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+    _run_interpreted(script)
 
 
 class _ConvNet(torch.nn.Module):
