@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,7 @@ from torch import Tensor
 
 from fold_conv_op import kernels_usable  # the same test: CUDA, or the interpreter
 
-__all__ = ["conv1d_cl", "conv1d_cl_reference", "empty_cl", "kernels_usable", "max_pool_cl"]
+__all__ = ["conv1d_cl", "conv1d_cl_reference", "conv1d_windows", "empty_cl", "kernels_usable", "max_pool_cl"]
 
 
 # ----------------------------------------------------------------------------- reference
@@ -133,8 +134,9 @@ def _kernels():
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         return conv_cl, conv_cl_wgrad
-    # on a GPU, block sizes tuned per layer shape on first use (the engine's eager warm-up step,
-    # before any CUDA graph is captured)
+    # on a GPU, block sizes by shape (_conv_blocks, _wgrad_blocks): what tuning over these lists chose
+    # on an H200 (step 7). Tuning itself (AUTOTUNE=1 in the environment; on first use, in the
+    # engine's eager warm-up) compiles every candidate: 100 s of a cold start
     conv_configs = [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=st)
                     for bm, bn, bk, w, st in [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 64, 64, 4, 4),
                                               (64, 128, 64, 4, 4), (128, 128, 32, 4, 4), (256, 128, 64, 8, 3),
@@ -143,6 +145,34 @@ def _kernels():
                      for bk, w, st in [(64, 8, 3), (64, 4, 4), (32, 4, 4), (128, 8, 3), (32, 8, 4)]]
     return (triton.autotune(conv_configs, key=["M", "L", "C", "O", "TAPS"])(conv_cl),
             triton.autotune(wgrad_configs, key=["M", "L", "C", "O", "BR", "BN"])(conv_cl_wgrad))
+
+
+def _autotune() -> bool:
+    return os.environ.get("AUTOTUNE") == "1"
+
+
+def _conv_blocks(M: int, C: int, O: int, taps: int) -> tuple:
+    """(BM, BN, BK, warps, stages) of :func:`conv1d_cl`'s kernel for a shape: what the tuner chose on an H200."""
+    if O <= 32:
+        return 128, 32, 32, 4, 4
+    if C <= 32:
+        return 64, 64, 32, 4, 4
+    if O <= 64:
+        return 128, 64, 64, 4, 4
+    return (256, 128, 64, 8, 3) if C >= 128 and M >= 16384 else (128, 128, 64, 8, 3)
+
+
+def _wgrad_blocks(M: int, BR: int, BN: int) -> tuple:
+    """(BK, warps, stages) of the weight-gradient kernel, as the tuner chose them on an H200."""
+    if BR * BN <= 32 * 32:
+        return 64, 4, 4
+    if (BR, BN) == (128, 128):
+        return (64, 8, 3) if M >= 16384 else (32, 4, 4)
+    if (BR, BN) == (64, 128):
+        return 32, 4, 4
+    if (BR, BN) == (128, 64):
+        return 32, 8, 4
+    return 64, 8, 3
 
 
 def _pow2(n: int, lo: int, hi: int) -> int:
@@ -171,9 +201,13 @@ def _run_conv(x: Tensor, w: Tensor, w_strides: tuple, flip: bool, pad: int, l_ou
     M = B * l_out
     args = (x, w, y, M, L, l_out, C, O, pad,
             x.stride(0), x.stride(1), x.stride(2), *w_strides, y.stride(0), y.stride(1), y.stride(2))
-    if x.is_cuda:
+    if x.is_cuda and _autotune():
         conv_cl[lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(O, meta["BN"]), G)](
             *args, TAPS=taps, FLIP=flip)
+    elif x.is_cuda:
+        BM, BN, BK, warps, stages = _conv_blocks(M, C, O, taps)
+        conv_cl.fn[(triton.cdiv(M, BM), triton.cdiv(O, BN), G)](*args, TAPS=taps, FLIP=flip, BM=BM, BN=BN, BK=BK,
+                                                               num_warps=warps, num_stages=stages)
     else:  # the interpreter
         BM, BN, BK = 32, _pow2(O, 16, 128), _pow2(C, 16, 64)
         conv_cl[(triton.cdiv(M, BM), triton.cdiv(O, BN), G)](*args, TAPS=taps, FLIP=flip, BM=BM, BN=BN, BK=BK)
@@ -214,8 +248,11 @@ def _grad_weight_kernel(gy: Tensor, x: Tensor, pad: int, k: int) -> Tensor:
     args = (x, gy, part, M, L, l_out, C, O, pad, per_split, n_split,
             x.stride(0), x.stride(1), x.stride(2), gy.stride(0), gy.stride(1), gy.stride(2),
             part.stride(0), part.stride(1))
-    if x.is_cuda:
+    if x.is_cuda and _autotune():
         conv_cl_wgrad[grid](*args, BR=BR, BN=BN)
+    elif x.is_cuda:
+        BK, warps, stages = _wgrad_blocks(M, BR, BN)
+        conv_cl_wgrad.fn[grid](*args, BR=BR, BN=BN, BK=BK, num_warps=warps, num_stages=stages)
     else:  # the interpreter
         conv_cl_wgrad[grid](*args, BR=BR, BN=BN, BK=BK)
     return part.sum(1)
@@ -282,23 +319,108 @@ def _(gy, x, pad, k):
     return x.new_empty(x.shape[0], k, x.shape[3], gy.shape[3])
 
 
-def _setup_context(ctx, inputs, output):
-    x, w, pad, _ = inputs
-    ctx.save_for_backward(x, w)
-    ctx.pad = pad
+def _register_conv_autograd(op, grad_input, grad_weight) -> None:
+    """Autograd of a convolution op ``(x, w, a, n)``: ``a`` (padding or stride) is passed on to
+    ``grad_input(gy, w, a, length)`` and ``grad_weight(gy, x, a, taps)``; ``x`` and ``w`` are saved."""
+
+    def setup_context(ctx, inputs, output):
+        x, w, a, _ = inputs
+        ctx.save_for_backward(x, w)
+        ctx.a = a
+
+    def backward(ctx, gy):
+        x, w = ctx.saved_tensors
+        gx = grad_input(gy, w, ctx.a, x.shape[2]) if ctx.needs_input_grad[0] else None
+        gw = grad_weight(gy, x, ctx.a, w.shape[1]) if ctx.needs_input_grad[1] else None
+        return gx, gw, None, None
+
+    op.register_autograd(backward, setup_context=setup_context)
 
 
-def _backward(ctx, gy):
-    x, w = ctx.saved_tensors
-    gx = gw = None
-    if ctx.needs_input_grad[0]:
-        gx = _conv1d_cl_grad_input(gy, w, ctx.pad, x.shape[2])
-    if ctx.needs_input_grad[1]:
-        gw = _conv1d_cl_grad_weight(gy, x, ctx.pad, w.shape[1])
-    return gx, gw, None, None
+_register_conv_autograd(conv1d_cl, _conv1d_cl_grad_input, _conv1d_cl_grad_weight)
 
 
-conv1d_cl.register_autograd(_backward, setup_context=_setup_context)
+# ----------------------------------------------------------------------------- first layers
+# The MRCNN's first layers (one input channel, kernel 50 / stride 6 and 400 / 50) were run as
+# stride-1 convolutions of the signal viewed as positions of `stride` channels: 6 channels, 12-byte
+# rows, a 16-wide padded block and the output gradient re-read once per tap made the small
+# branch's layer cost 1.2 ms a step on an H200 (profile of step 7). Here the window of output
+# position l is read directly: samples [l * stride, l * stride + kernel) of the zero-padded signal
+# are one row of `kernel` contiguous values, i.e. a (G, B, l_out, kernel) view with row stride
+# `stride`, and the layer is the same kernel with a single tap.
+def _windows(signal: Tensor, kernel: int, stride: int, l_out: int) -> Tensor:
+    G, B, Lp = signal.shape
+    return signal.as_strided((G, B, l_out, kernel), (B * Lp, Lp, stride, 1), signal.storage_offset())
+
+
+def _check_windows(signal: Tensor, w: Tensor, stride: int, l_out: int) -> None:
+    if signal.ndim != 3 or w.ndim != 3 or signal.shape[0] != w.shape[0]:
+        raise ValueError(f"conv1d_windows needs signal (G, B, L) and w (G, kernel, O) with the same G, got "
+                         f"{tuple(signal.shape)} and {tuple(w.shape)}")
+    if (l_out - 1) * stride + w.shape[1] > signal.shape[2]:
+        raise ValueError(f"conv1d_windows: {l_out} windows of {w.shape[1]} samples at stride {stride} need "
+                         f"{(l_out - 1) * stride + w.shape[1]} samples, the signal has {signal.shape[2]} (pad it first)")
+
+
+def _windows_reference(signal: Tensor, w: Tensor, stride: int, l_out: int) -> Tensor:
+    G, B, _ = signal.shape
+    kernel, O = w.shape[1], w.shape[2]
+    y = F.conv1d(signal.transpose(0, 1), w.permute(0, 2, 1).reshape(G * O, 1, kernel), stride=stride, groups=G)
+    return y[..., :l_out].view(B, G, O, l_out).permute(1, 0, 3, 2)
+
+
+@torch.library.custom_op("sleeplib_bench::conv1d_windows", mutates_args=())
+def conv1d_windows(signal: Tensor, w: Tensor, stride: int, l_out: int) -> Tensor:
+    """``y[g, b, l, o] = sum_j w[g, j, o] * signal[g, b, l * stride + j]`` for ``l < l_out``: a
+    one-channel strided convolution of an already padded ``signal (G, B, L)`` with ``w (G, kernel, O)``;
+    ``y (G, B, l_out, O)`` in ``(B, l_out, G, O)`` memory, as :func:`conv1d_cl`."""
+    _check_windows(signal, w, stride, l_out)
+    signal = signal.contiguous()
+    if kernels_usable(signal):
+        return _run_conv(_windows(signal, w.shape[1], stride, l_out), w.unsqueeze(1),
+                         w.unsqueeze(1).stride(), False, 0, l_out, w.shape[2], 1)
+    return _as_cl(_windows_reference(signal, w, stride, l_out))
+
+
+@conv1d_windows.register_fake
+def _(signal, w, stride, l_out):
+    return empty_cl(signal.shape[0], signal.shape[1], l_out, w.shape[2], like=signal)
+
+
+@torch.library.custom_op("sleeplib_bench::conv1d_windows_grad_weight", mutates_args=())
+def _conv1d_windows_grad_weight(gy: Tensor, signal: Tensor, stride: int, kernel: int) -> Tensor:
+    G, B, l_out, O = gy.shape
+    signal = signal.contiguous()
+    if kernels_usable(signal):
+        gw = _grad_weight_kernel(_channels_contiguous(gy), _windows(signal, kernel, stride, l_out), 0, 1)
+        return gw[:, 0].to(signal.dtype).contiguous()
+    gyg = gy.permute(1, 0, 3, 2).reshape(B, G * O, l_out)
+    gw = torch.nn.grad.conv1d_weight(signal.transpose(0, 1), (G * O, 1, kernel), gyg, stride=stride, groups=G)
+    return gw.view(G, O, kernel).transpose(1, 2).contiguous()
+
+
+@_conv1d_windows_grad_weight.register_fake
+def _(gy, signal, stride, kernel):
+    return signal.new_empty(signal.shape[0], kernel, gy.shape[3])
+
+
+@torch.library.custom_op("sleeplib_bench::conv1d_windows_grad_input", mutates_args=())
+def _conv1d_windows_grad_input(gy: Tensor, w: Tensor, stride: int, length: int) -> Tensor:
+    # not on the engine's path (the signal needs no gradient): cuDNN's, through the reference
+    G, B, l_out, O = gy.shape
+    kernel = w.shape[1]
+    gyg = gy.permute(1, 0, 3, 2).reshape(B, G * O, l_out)
+    gx = torch.nn.grad.conv1d_input((B, G, length), w.permute(0, 2, 1).reshape(G * O, 1, kernel).to(gy.dtype), gyg,
+                                    stride=stride, groups=G)
+    return gx.transpose(0, 1).contiguous()
+
+
+@_conv1d_windows_grad_input.register_fake
+def _(gy, w, stride, length):
+    return gy.new_empty(gy.shape[0], gy.shape[1], length)
+
+
+_register_conv_autograd(conv1d_windows, _conv1d_windows_grad_input, _conv1d_windows_grad_weight)
 
 
 # ----------------------------------------------------------------------------- max-pooling
@@ -311,10 +433,11 @@ def _pool_kernels():
     import triton.language as tl
 
     @triton.jit
-    def pool_fwd(x_ptr, y_ptr, idx_ptr, R, L, l_out, G, stride, pad,
-                 KERNEL: tl.constexpr, BR: tl.constexpr, BG: tl.constexpr):
+    def pool_fwd(x_ptr, y_ptr, idx_ptr, seed_ptr, R, L, l_out, G, stride, pad, drop,
+                 KERNEL: tl.constexpr, DROP: tl.constexpr, BR: tl.constexpr, BG: tl.constexpr):
         # y[b, l, g] = max_j x[b, l * stride - pad + j, g] (positions outside [0, L) are -inf);
-        # idx: the first j attaining it
+        # idx: the first j attaining it. With DROP, inverted dropout of rate `drop` too: a dropped
+        # output is 0 with idx -1 (no window position gets its gradient)
         rows = tl.program_id(0) * BR + tl.arange(0, BR)
         cols = tl.program_id(1) * BG + tl.arange(0, BG)
         r_ok = rows < R
@@ -333,11 +456,15 @@ def _pool_kernels():
             arg = tl.where(take, j, arg)
         out = (b * l_out + l)[:, None] * G + cols[None, :]
         mask = r_ok[:, None] & g_ok[None, :]
+        if DROP:
+            keep = tl.rand(tl.load(seed_ptr).to(tl.uint32), out.to(tl.uint32)) >= drop
+            best = tl.where(keep, best / (1.0 - drop), 0.0)
+            arg = tl.where(keep, arg, -1)
         tl.store(y_ptr + out, best.to(y_ptr.dtype.element_ty), mask=mask)
         tl.store(idx_ptr + out, arg.to(tl.int8), mask=mask)
 
     @triton.jit
-    def pool_bwd(gy_ptr, idx_ptr, gx_ptr, R, L, l_out, G, stride, pad,
+    def pool_bwd(gy_ptr, idx_ptr, gx_ptr, R, L, l_out, G, stride, pad, scale,
                  KERNEL: tl.constexpr, WINDOWS: tl.constexpr, BR: tl.constexpr, BG: tl.constexpr):
         # gx[b, i, g] = sum over the windows l holding i whose maximum sat at i
         rows = tl.program_id(0) * BR + tl.arange(0, BR)  # (b, i)
@@ -356,7 +483,7 @@ def _pool_kernels():
             m = ok[:, None] & g_ok[None, :]
             hit = tl.load(idx_ptr + at, mask=m, other=-1).to(tl.int32) == j[:, None]
             acc += tl.where(hit & m, tl.load(gy_ptr + at, mask=m, other=0.0).to(tl.float32), 0.0)
-        tl.store(gx_ptr + rows.to(tl.int64)[:, None] * G + cols[None, :], acc.to(gx_ptr.dtype.element_ty),
+        tl.store(gx_ptr + rows.to(tl.int64)[:, None] * G + cols[None, :], (acc * scale).to(gx_ptr.dtype.element_ty),
                  mask=r_ok[:, None] & g_ok[None, :])
 
     return pool_fwd, pool_bwd
@@ -371,13 +498,21 @@ def _pool_blocks(G: int, interpret: bool) -> tuple[int, int]:
 
 
 @torch.library.custom_op("sleeplib_bench::max_pool_cl", mutates_args=())
-def max_pool_cl(x: Tensor, kernel: int, stride: int, pad: int) -> tuple[Tensor, Tensor]:
+def max_pool_cl(x: Tensor, kernel: int, stride: int, pad: int, drop: float = 0.0,
+                seed: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Max-pool ``x (B, L, G)`` (contiguous) along ``L`` like ``max_pool1d`` (the first of equal
-    maxima wins); returns the pooled ``(B, l_out, G)`` and the int8 offset of each maximum in its window."""
+    maxima wins); returns the pooled ``(B, l_out, G)`` and the int8 offset of each maximum in its window.
+
+    With ``drop > 0``, followed by inverted dropout of that rate (the dropout after the MRCNN's first
+    pooling, in the same pass): ``seed`` (one integer, on the device) picks the mask; a dropped
+    output is 0 and its offset -1."""
     B, L, G = x.shape
     l_out = _pool_out(L, kernel, stride, pad)
     if kernel > 127 or pad > kernel // 2:
         raise ValueError(f"max_pool_cl needs kernel <= 127 and pad <= kernel // 2, got {kernel}, {pad}")
+    if not 0.0 <= drop < 1.0 or (drop > 0 and (seed is None or seed.numel() != 1)):
+        raise ValueError(f"max_pool_cl's dropout needs 0 <= drop < 1 and, when drop > 0, a one-element seed "
+                         f"tensor; got drop={drop}, seed={None if seed is None else tuple(seed.shape)}")
     x = x.contiguous()
     if kernels_usable(x):
         import triton
@@ -387,23 +522,29 @@ def max_pool_cl(x: Tensor, kernel: int, stride: int, pad: int) -> tuple[Tensor, 
         idx = torch.empty(B, l_out, G, device=x.device, dtype=torch.int8)
         BR, BG = _pool_blocks(G, not x.is_cuda)
         R = B * l_out
-        pool_fwd[(triton.cdiv(R, BR), triton.cdiv(G, BG))](x, y, idx, R, L, l_out, G, stride, pad,
-                                                          KERNEL=kernel, BR=BR, BG=BG)
+        pool_fwd[(triton.cdiv(R, BR), triton.cdiv(G, BG))](x, y, idx, idx if seed is None else seed, R, L, l_out, G,
+                                                          stride, pad, drop, KERNEL=kernel, DROP=drop > 0, BR=BR, BG=BG)
         return y, idx
     windows = F.pad(x.transpose(1, 2), (pad, pad), value=float("-inf")).unfold(-1, kernel, stride)
     y, idx = windows.max(-1)  # the first maximum, as max_pool1d
-    return y.transpose(1, 2).contiguous(), idx.to(torch.int8).transpose(1, 2).contiguous()
+    y, idx = y.transpose(1, 2).contiguous(), idx.to(torch.int8).transpose(1, 2).contiguous()
+    if drop > 0:
+        generator = torch.Generator(device=x.device).manual_seed(int(seed))
+        keep = torch.rand(y.shape, generator=generator, device=x.device) >= drop
+        y, idx = torch.where(keep, y / (1 - drop), 0), torch.where(keep, idx, -1)
+    return y, idx
 
 
 @max_pool_cl.register_fake
-def _(x, kernel, stride, pad):
+def _(x, kernel, stride, pad, drop=0.0, seed=None):
     B, L, G = x.shape
     l_out = _pool_out(L, kernel, stride, pad)
     return x.new_empty(B, l_out, G), x.new_empty(B, l_out, G, dtype=torch.int8)
 
 
 @torch.library.custom_op("sleeplib_bench::max_pool_cl_backward", mutates_args=())
-def _max_pool_cl_backward(gy: Tensor, idx: Tensor, length: int, kernel: int, stride: int, pad: int) -> Tensor:
+def _max_pool_cl_backward(gy: Tensor, idx: Tensor, length: int, kernel: int, stride: int, pad: int,
+                          scale: float) -> Tensor:
     B, l_out, G = gy.shape
     gy = gy.contiguous()
     if kernels_usable(gy):
@@ -413,31 +554,34 @@ def _max_pool_cl_backward(gy: Tensor, idx: Tensor, length: int, kernel: int, str
         gx = torch.empty(B, length, G, device=gy.device, dtype=gy.dtype)
         BR, BG = _pool_blocks(G, not gy.is_cuda)
         R = B * length
-        pool_bwd[(triton.cdiv(R, BR), triton.cdiv(G, BG))](gy, idx, gx, R, length, l_out, G, stride, pad,
+        pool_bwd[(triton.cdiv(R, BR), triton.cdiv(G, BG))](gy, idx, gx, R, length, l_out, G, stride, pad, scale,
                                                           KERNEL=kernel, WINDOWS=-(-kernel // stride),
                                                           BR=BR, BG=BG)
         return gx
-    pos = torch.arange(l_out, device=gy.device)[None, :, None] * stride - pad + idx.long()
+    kept = idx >= 0  # -1: dropped
+    pos = torch.arange(l_out, device=gy.device)[None, :, None] * stride - pad + idx.long().clamp_min(0)
     gx = torch.zeros(B, length + 2 * kernel, G, device=gy.device, dtype=gy.dtype)  # room for any window
-    gx.scatter_add_(1, pos + kernel, gy)
+    gx.scatter_add_(1, pos + kernel, torch.where(kept, gy * scale, 0))
     return gx[:, kernel:kernel + length].contiguous()
 
 
 @_max_pool_cl_backward.register_fake
-def _(gy, idx, length, kernel, stride, pad):
+def _(gy, idx, length, kernel, stride, pad, scale):
     return gy.new_empty(gy.shape[0], length, gy.shape[2])
 
 
 def _pool_setup_context(ctx, inputs, output):
-    x, kernel, stride, pad = inputs
+    x, kernel, stride, pad, drop, _seed = inputs
     ctx.save_for_backward(output[1])
     ctx.length, ctx.kernel, ctx.stride, ctx.pad = x.shape[1], kernel, stride, pad
+    ctx.scale = 1.0 / (1.0 - drop)
     ctx.mark_non_differentiable(output[1])
 
 
 def _pool_backward(ctx, gy, _gidx):
     (idx,) = ctx.saved_tensors
-    return _max_pool_cl_backward(gy, idx, ctx.length, ctx.kernel, ctx.stride, ctx.pad), None, None, None
+    gx = _max_pool_cl_backward(gy, idx, ctx.length, ctx.kernel, ctx.stride, ctx.pad, ctx.scale)
+    return gx, None, None, None, None, None
 
 
 max_pool_cl.register_autograd(_pool_backward, setup_context=_pool_setup_context)

@@ -118,6 +118,48 @@ def kernel_summary(prof, steps):
     return "\n".join(lines + [f"  {'all kernels':28s} {sum(totals.values()):7.2f} ms/step"])
 
 
+def step_timeline(prof, steps, min_us=8.0):
+    """One step's kernels in the order they ran, with their durations (those of at least ``min_us``),
+    so that a kernel's calls can be told apart by layer."""
+    try:
+        kernels = sorted((e for e in prof.events() if str(getattr(e, "device_type", "")).endswith("CUDA")),
+                         key=lambda e: e.time_range.start)
+    except Exception as err:  # the profiler's event API moves between torch versions
+        return f"(no timeline: {err!r})"
+    per_step = len(kernels) // max(steps, 1)
+    one = kernels[-per_step:] if per_step else []
+    lines = [f"one step's kernels in order ({per_step} kernels, {sum(e.time_range.elapsed_us() for e in one):.0f} us; "
+             f"those of >= {min_us:.0f} us):"]
+    for e in one:
+        us = e.time_range.elapsed_us()
+        if us >= min_us:
+            lines.append(f"  {us:8.1f} us  {e.name[:100]}")
+    return "\n".join(lines)
+
+
+def dump_slow_inductor_kernels(prof, steps, min_us=150.0):
+    """Copy the generated source of inductor's kernels that take ``min_us`` or more a call into
+    ``$OUT/inductor_kernels/`` (to read what a slow fused kernel does)."""
+    out = os.environ.get("OUT")
+    if not out:
+        return
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    slow = {e.key for e in prof.key_averages() if e.key.startswith("triton_")
+            and (getattr(e, "device_time_total", 0) or getattr(e, "cuda_time_total", 0)) / max(e.count, 1) >= min_us}
+    folder = Path(out, "inductor_kernels")
+    folder.mkdir(exist_ok=True)
+    for path in Path(cache_dir()).rglob("*.py"):
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError):
+            continue
+        for name in [n for n in slow if f"def {n}(" in text]:
+            Path(folder, f"{name[:120]}.py").write_text(text)
+            slow.discard(name)
+    print(f"sources of slow inductor kernels in {folder}; not found: {sorted(slow) or 'none'}")
+
+
 def profile_engine(dev, folds, amp=False, compile=False, rows=25, fold_convs=False):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from train_speed import synthetic_edf20
@@ -157,6 +199,8 @@ def profile_engine(dev, folds, amp=False, compile=False, rows=25, fold_convs=Fal
             eng._step()
         torch.cuda.synchronize()
     print(f"GPU time by kind of kernel (fold_convs={fold_convs}):\n" + kernel_summary(prof, steps))
+    print(step_timeline(prof, steps))
+    dump_slow_inductor_kernels(prof, steps)
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=90)
 
 
@@ -200,10 +244,16 @@ def main():
                     help="profile the engine with benchmarks/stacked_layout.py's forward instead of vmap")
     ap.add_argument("--cl-convs", action="store_true",
                     help="with --stacked: its channels-last Triton convolutions (benchmarks/cl_conv_op.py)")
+    ap.add_argument("--fused", action="store_true",
+                    help="with --stacked --cl-convs: the MRCNN's batch norm + GELU by benchmarks/bn_act_op.py, "
+                         "max-pool + dropout by cl_conv_op.max_pool_cl")
     args = ap.parse_args()
     if args.stacked:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import stacked_layout
         from stacked_layout import use_stacked_forward
+
+        stacked_layout.FUSED = args.fused
 
         use_stacked_forward(cl_convs=args.cl_convs)
     dev = torch.device("cuda")

@@ -3,14 +3,16 @@
 As first written (cuDNN's grouped convolutions), measured slower than the vmap engine on an H100
 (``benchmarks/RESULTS.md``, step 4); with ``--cl-convs`` (step 6: the MRCNN and the AFR on
 channels-last ``(B, L, K, C)`` tensors, convolutions and max-pooling by the Triton kernels of
-``cl_conv_op.py``) 1.16x faster than it in the same run on an H200. It stays here, not in
-``sleeplib``, because it needs Triton and runs only AttnSleep's module types::
+``cl_conv_op.py``) 1.16x faster than it in the same run on an H200; with ``--cl-convs --fused``
+(step 7: also the first layers read as windows, channels padded to 16 bytes, batch norm + GELU by
+``bn_act_op.py``, the parameters' gradient as one ``cat``) 1.49x. It stays here, not in ``sleeplib``,
+because it needs Triton and runs only AttnSleep's module types::
 
     python3 benchmarks/stacked_layout.py --device cuda --folds 20 --epochs 3 --skip-naive --amp bf16 --compile
-    python3 benchmarks/stacked_layout.py --device cuda --folds 20 --epochs 3 --skip-naive --amp bf16 --compile --cl-convs
+    python3 benchmarks/stacked_layout.py --device cuda --folds 20 --epochs 3 --skip-naive --amp bf16 --compile --cl-convs --fused
 
 (``--tce-cudnn``: the TCE's convolutions by cuDNN instead; ``--einsum-1x1``: the AFR's 1x1 ones as
-``einsum``; both measured no faster.)
+``einsum``; both measured no faster. ``--unaligned``: channels not padded.)
 
 takes :mod:`benchmarks.train_speed`'s arguments and runs it with
 :meth:`~sleeplib.train.fast.BatchedFolds._forward_all_eager` replaced by :func:`stacked_forward`.
@@ -49,7 +51,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cl_conv_op import conv1d_cl, max_pool_cl  # noqa: E402
+from bn_act_op import bn_act_cl  # noqa: E402
+from cl_conv_op import conv1d_cl, conv1d_windows, max_pool_cl  # noqa: E402
 
 from sleeplib.models.attnsleep import AttnSleep  # noqa: E402
 from sleeplib.models.blocks import (  # noqa: E402
@@ -73,6 +76,13 @@ CL_OUTSIDE = True
 """With cl_convs, also the TCE's convolutions by cl_conv_op (``--tce-cudnn``: cuDNN grouped, transposes)."""
 EINSUM_1X1 = False
 """With cl_convs, the AFR's 1x1 convolutions as ``einsum`` (``--einsum-1x1``) instead of cl_conv_op."""
+ALIGN_CHANNELS = 8
+"""With cl_convs, convolutions' channels are zero-padded to a multiple of this (16 bytes in bf16);
+``--unaligned``: 1, none."""
+FUSED = False
+"""With cl_convs, in training (``--fused``): each ``BatchNorm1d -> GELU`` pair of a ``Sequential`` (the
+MRCNN's) by ``bn_act_op.bn_act_cl``, each ``MaxPool1d -> Dropout`` pair by ``max_pool_cl`` with its
+dropout, instead of inductor's kernels."""
 
 
 class _Run:
@@ -314,39 +324,103 @@ def _cl_conv(run, m: nn.Conv1d, prefix, x, left_pad: int = 0):
         y = torch.einsum("blkc,koc->blko", x, w[..., 0].to(dtype))
     else:
         B, L, K, C = x.shape
+        O = m.out_channels
         l_out = L + left_pad + 2 * m.padding[0] - k + 1
-        # (K, B, L, C) view of the contiguous (B, L, K, C); the weights packed (K, k, C, O), each
-        # tap's (C, O) block contiguous (read in place, the kernels' loads were uncoalesced)
-        wp = w.permute(0, 3, 2, 1).contiguous().to(dtype)
-        y = conv1d_cl(x.contiguous().permute(2, 0, 1, 3), wp, pad, l_out).permute(1, 2, 0, 3)
+        # the weights packed (K, k, C, O), each tap's (C, O) block contiguous (read in place, the
+        # kernels' loads were uncoalesced)
+        wp = w.permute(0, 3, 2, 1)
+        # channels zero-padded to a multiple of ALIGN_CHANNELS: with the AFR's and TCE's 30, rows of
+        # 60 bytes made every load and store a scalar one (step 7)
+        c_pad, o_pad = -C % ALIGN_CHANNELS, -O % ALIGN_CHANNELS
+        if c_pad:
+            x = F.pad(x, (0, c_pad))
+        if c_pad or o_pad:
+            wp = F.pad(wp, (0, o_pad, 0, c_pad))
+        # (K, B, L, C) view of the contiguous (B, L, K, C)
+        y = conv1d_cl(x.contiguous().permute(2, 0, 1, 3), wp.contiguous().to(dtype), pad, l_out).permute(1, 2, 0, 3)
+        if o_pad:
+            y = y[..., :O]
     if b is not None:
         y = y + b.to(y.dtype)
     return y
 
 
 def _cl_unfold_conv(run, m: UnfoldConv1d, prefix, x):
-    """A first MRCNN layer (one input channel, long kernel, stride ``s``, padding a multiple of ``s``)
-    by cl_conv_op's kernels: the signal viewed as ``L / s`` positions of ``s`` channels (each stride's
-    samples) makes it a stride-1 convolution of ``ceil(kernel / s)`` taps (weights zero-padded), whose
-    output lands channels-last. Other shapes: the generic handler."""
+    """A first MRCNN layer (one input channel, long strided kernel) by cl_conv_op's
+    :func:`~cl_conv_op.conv1d_windows`: each output position's window of the zero-padded signal is
+    one row of the matrix product, read in place; the output lands channels-last. Other shapes: the
+    generic handler."""
     B, L, K, C = x.shape
     kernel, stride, pad = m.kernel_size[0], m.stride[0], m.padding[0]
-    if C != 1 or pad % stride or m.dilation[0] != 1 or m.groups != 1:
+    if C != 1 or m.dilation[0] != 1 or m.groups != 1:
         y = _unfold_conv(run, m, prefix, x.permute(0, 2, 3, 1))  # (B, K, O, L') view
         return y.permute(0, 3, 1, 2)
     dtype = _autocast_dtype(x)
-    taps = -(-kernel // stride)
     n_out = (L + 2 * pad - kernel) // stride + 1
-    signal = x[..., 0].permute(2, 0, 1)  # (K, B, L): the engine's fold-major batch, no copy
-    if L % stride:
-        signal = F.pad(signal, (0, -L % stride))
-    signal = signal.reshape(K, B, -1, stride)
-    w = run.p(prefix, "weight")[:, :, 0, :]  # (K, O, kernel)
-    w = F.pad(w, (0, taps * stride - kernel)).reshape(K, m.out_channels, taps, stride)
-    y = conv1d_cl(signal.to(dtype), w.permute(0, 2, 3, 1).contiguous().to(dtype), pad // stride, n_out)
-    y = y.permute(1, 2, 0, 3)
+    signal = F.pad(x[..., 0].permute(2, 0, 1), (pad, pad))  # (K, B, L + 2 pad): the engine's fold-major batch
+    w = run.p(prefix, "weight")[:, :, 0, :].transpose(1, 2)  # (K, kernel, O)
+    y = conv1d_windows(signal.to(dtype), w.contiguous().to(dtype), stride, n_out).permute(1, 2, 0, 3)
     b = run.p(prefix, "bias")
     return y if b is None else y + b.to(y.dtype)
+
+
+def _fusable_bn_act(run, bn: nn.Module, act: nn.Module | None) -> bool:
+    return (FUSED and run.training and type(bn) is nn.BatchNorm1d and type(act) is nn.GELU
+            and act.approximate == "none" and bn.affine and bn.track_running_stats and bn.momentum is not None)
+
+
+def _fusable_pool_dropout(run, pool: nn.Module, drop: nn.Module | None) -> bool:
+    return (FUSED and run.training and type(pool) is nn.MaxPool1d and type(drop) is nn.Dropout and drop.p > 0
+            and pool.dilation == 1 and not pool.ceil_mode and not pool.return_indices)
+
+
+def _cl_bn_gelu(run, bn: nn.BatchNorm1d, prefix, x):
+    """Training-mode batch norm and exact GELU of ``(B, L, K, C)`` by one fused op (bn_act_op); the
+    running statistics updated as ``F.batch_norm`` does (unbiased variance)."""
+    B, L, K, C = x.shape
+    nbt = run.buffers.get(prefix + "num_batches_tracked")
+    if nbt is not None:
+        nbt.add_(1)
+    rows = x.to(_autocast_dtype(x)).reshape(B * L, K * C)
+    running_mean = run.buffers[prefix + "running_mean"].view(-1)
+    running_var = run.buffers[prefix + "running_var"].view(-1)
+    y, mean, rstd = bn_act_cl(rows, run.p(prefix, "weight").reshape(-1), run.p(prefix, "bias").reshape(-1),
+                              running_mean, bn.eps, "gelu")
+    with torch.no_grad():
+        n = rows.shape[0]
+        unbiased_var = (rstd.pow(-2) - bn.eps) * (n / max(n - 1, 1))
+        running_mean.lerp_(mean.to(running_mean.dtype), bn.momentum)
+        running_var.lerp_(unbiased_var.to(running_var.dtype), bn.momentum)
+    return y.view(B, L, K, C)
+
+
+def _cl_pool_dropout(run, pool: nn.MaxPool1d, prefix, x, drop: nn.Dropout):
+    """Max-pooling and dropout of ``(B, L, K, C)`` in one pass of ``max_pool_cl`` (the mask drawn
+    from a seed of torch's generator, so runs repeat under ``torch.manual_seed``)."""
+    B, L, K, C = x.shape
+    seed = torch.randint(0, 2**31 - 1, (1,), device=x.device)
+    y, _ = max_pool_cl(x.to(_autocast_dtype(x)).reshape(B, L, K * C), pool.kernel_size, pool.stride, pool.padding,
+                       drop.p, seed)
+    return y.view(B, y.shape[1], K, C)
+
+
+def _cl_sequential(run, m: nn.Sequential, prefix, x):
+    """A ``Sequential`` in cl mode, with :data:`FUSED`'s pairs of layers fused."""
+    children = list(m.named_children())
+    i = 0
+    while i < len(children):
+        name, child = children[i]
+        following = children[i + 1][1] if i + 1 < len(children) else None
+        if _fusable_bn_act(run, child, following):
+            x = _cl_bn_gelu(run, child, _child(prefix, name), x)
+            i += 2
+        elif _fusable_pool_dropout(run, child, following):
+            x = _cl_pool_dropout(run, child, _child(prefix, name), x, following)
+            i += 2
+        else:
+            x = run(child, _child(prefix, name), x)
+            i += 1
+    return x
 
 
 def _cl_max_pool(run, m: nn.MaxPool1d, prefix, x):
@@ -390,6 +464,7 @@ CL_HANDLERS: dict[type, Callable] = {
     nn.Conv1d: _cl_conv,
     UnfoldConv1d: _cl_unfold_conv,
     nn.MaxPool1d: _cl_max_pool,
+    nn.Sequential: _cl_sequential,
 }
 """With ``cl_convs``, inside the MRCNN and the AFR: the handlers for ``(B, L, K, C)`` tensors (the
 others there work in either order, taking the length axis from :attr:`_Run.length_dim`)."""
@@ -443,6 +518,33 @@ def stacked_forward(model: nn.Module, params: dict, buffers: dict, x: torch.Tens
     return logits.transpose(0, 1)
 
 
+class _FlatSplit(torch.autograd.Function):
+    """The parameters as pieces of the engine's flat ``(K, P)`` matrix, whose gradient is one ``cat``.
+
+    Sliced from it (``BatchedFolds._params``), their gradients reach the matrix as a sum of
+    zero-padded slices, which inductor fused into one kernel of 66 masked loads per element
+    (0.49 ms a step on an H200, step 7); a ``cat`` of more than ``max_pointwise_cat_inputs``
+    pieces it writes piece by piece."""
+
+    @staticmethod
+    def forward(ctx, flat, sizes):
+        ctx.sizes = sizes
+        return tuple(flat.split(sizes, dim=-1))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        some = next(g for g in grads if g is not None)  # an unused parameter's is None
+        pieces = [g if g is not None else some.new_zeros(*some.shape[:-1], n) for g, n in zip(grads, ctx.sizes)]
+        return torch.cat(pieces, dim=-1), None
+
+
+def split_params(engine, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``engine._params(flat)`` (the same views) with the gradient of :class:`_FlatSplit`."""
+    pieces = _FlatSplit.apply(flat, tuple(engine.param_sizes))
+    lead = flat.shape[:-1]
+    return {name: piece.view(*lead, *shape) for name, shape, piece in zip(engine.param_names, engine.param_shapes, pieces)}
+
+
 def use_stacked_forward(cl_convs: bool = False) -> None:
     """Make :class:`~sleeplib.train.fast.BatchedFolds` run supported models with :func:`stacked_forward`."""
     from sleeplib.train.fast import BatchedFolds
@@ -451,8 +553,8 @@ def use_stacked_forward(cl_convs: bool = False) -> None:
 
     def forward(self, flat, buffers, xb):
         if supports(self.skeleton):
-            return stacked_forward(self.skeleton, self._params(flat), buffers, xb, bn_fp32=self.amp,
-                                   cl_convs=cl_convs)
+            params = split_params(self, flat) if cl_convs else self._params(flat)
+            return stacked_forward(self.skeleton, params, buffers, xb, bn_fp32=self.amp, cl_convs=cl_convs)
         return vmap_forward(self, flat, buffers, xb)
 
     BatchedFolds._forward_all_eager = forward
@@ -465,8 +567,13 @@ if __name__ == "__main__":
     cl = "--cl-convs" in sys.argv
     CL_OUTSIDE = "--tce-cudnn" not in sys.argv
     EINSUM_1X1 = "--einsum-1x1" in sys.argv
+    FUSED = "--fused" in sys.argv
+    ALIGN_CHANNELS = 1 if "--unaligned" in sys.argv else ALIGN_CHANNELS
     use_stacked_forward(cl_convs=cl)
     print(f"fold layout: stacked (benchmarks/stacked_layout.py), cl_convs={cl}, TCE convolutions by "
           f"{'cl_conv_op' if cl and CL_OUTSIDE else 'cuDNN'}, 1x1 convolutions by "
-          f"{'einsum' if EINSUM_1X1 else 'cl_conv_op'}")
-    train_speed.main([a for a in sys.argv[1:] if a not in ("--cl-convs", "--tce-cudnn", "--einsum-1x1")])
+          f"{'einsum' if EINSUM_1X1 else 'cl_conv_op'}, MRCNN batch norm + GELU by "
+          f"{'bn_act_op' if cl and FUSED else 'inductor'}, first max-pool + dropout by "
+          f"{'max_pool_cl' if cl and FUSED else 'max_pool_cl, inductor' if cl else 'inductor'}, channels padded to a multiple of {ALIGN_CHANNELS}")
+    train_speed.main([a for a in sys.argv[1:]
+                      if a not in ("--cl-convs", "--tce-cudnn", "--einsum-1x1", "--fused", "--unaligned")])

@@ -35,10 +35,17 @@ def _load(name):
     return module
 
 
-@pytest.mark.parametrize("cl_convs", [False, True], ids=["cudnn-grouped", "cl-convs"])
-def test_stacked_layout_matches_vmap_outputs_statistics_and_gradients(cl_convs):
-    """With ``cl_convs`` the stride-1 convolutions go through cl_conv_op (its reference on CPU)."""
+@pytest.mark.parametrize("cl_convs, fused, align", [(False, False, 8), (True, False, 8), (True, False, 1), (True, True, 8)],
+                         ids=["cudnn-grouped", "cl-convs", "cl-convs-unaligned", "cl-convs-fused"])
+def test_stacked_layout_matches_vmap_outputs_statistics_and_gradients(cl_convs, fused, align, monkeypatch):
+    """With ``cl_convs`` the convolutions go through cl_conv_op (channels zero-padded to a multiple of
+    ``align``), with ``fused`` the MRCNN's batch norm and GELU through bn_act_op (their references on CPU;
+    without dropout here, so max-pool and dropout are not fused: see the max-pool dropout test)."""
     stacked = _load("stacked_layout")
+    monkeypatch.setattr(stacked, "FUSED", fused)
+    monkeypatch.setattr(stacked, "ALIGN_CHANNELS", align)
+    calls = []
+    monkeypatch.setattr(stacked, "bn_act_cl", lambda *a: calls.append(a[-1]) or _load("bn_act_op").bn_act_cl(*a))
     # float64: in float32 the two orders of summation can flip a max-pool's choice between two
     # nearly equal values (seen at batch 6), which reroutes a gradient and makes the check flaky
     torch.manual_seed(0)
@@ -71,12 +78,31 @@ def test_stacked_layout_matches_vmap_outputs_statistics_and_gradients(cl_convs):
                 assert (p.grad is None) == (p_stacked[name].grad is None), name
                 if p.grad is not None:  # biases right before a batch norm get only rounding noise
                     torch.testing.assert_close(p_stacked[name].grad, p.grad, rtol=1e-7, atol=1e-9 * float(scale))
+    assert calls == ["gelu"] * 6 * fused  # the MRCNN's six BatchNorm -> GELU pairs, in training only
+
+
+def test_stacked_layout_fuses_max_pool_and_dropout_in_training(monkeypatch):
+    stacked = _load("stacked_layout")
+    monkeypatch.setattr(stacked, "FUSED", True)
+    calls = []
+    monkeypatch.setattr(stacked, "max_pool_cl", lambda *a: calls.append(a[4:5]) or _load("cl_conv_op").max_pool_cl(*a))
+    torch.manual_seed(0)
+    models = [build_model("attnsleep", mrcnn_dropout=0.5) for _ in range(2)]
+    params, buffers = stack_module_state(models)
+    params = {n: t.detach().requires_grad_() for n, t in params.items()}
+    out = stacked.stacked_forward(models[0], params, buffers, torch.randn(2, 3, 1, 3000), cl_convs=True)
+    out.sum().backward()
+    # the first pooling of each branch with its dropout; the others without
+    assert sorted(calls) == [(), (), (0.5,), (0.5,)] and torch.isfinite(out).all()
+    assert [n for n, p in params.items() if "unused" not in n and (p.grad is None or not torch.isfinite(p.grad).all())] == []
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("flags, says", [(["--cl-convs"], "TCE convolutions by cl_conv_op, 1x1 convolutions by cl_conv_op"),
                                           (["--cl-convs", "--tce-cudnn", "--einsum-1x1"],
-                                           "TCE convolutions by cuDNN, 1x1 convolutions by einsum")])
+                                           "TCE convolutions by cuDNN, 1x1 convolutions by einsum"),
+                                          (["--cl-convs", "--fused"], "MRCNN batch norm + GELU by bn_act_op, first "
+                                           "max-pool + dropout by max_pool_cl, channels padded to a multiple of 8")])
 def test_stacked_layout_script_trains_on_cpu(tmp_path, flags, says):
     import subprocess
 
@@ -87,6 +113,30 @@ def test_stacked_layout_script_trains_on_cpu(tmp_path, flags, says):
     assert run.returncode == 0, run.stderr[-3000:]
     assert says in run.stdout and "s per fold-epoch" in run.stdout
     assert json.loads(out.read_text())["batched_s_per_fold_epoch"] > 0
+
+
+@pytest.mark.parametrize("backend", [None, "aot_eager"])
+def test_stacked_layout_split_params_are_the_engine_views_with_the_same_gradient(backend):
+    from types import SimpleNamespace
+
+    from sleeplib.train.fast import BatchedFolds
+
+    stacked = _load("stacked_layout")
+    shapes = [(3, 2), (4,), (2, 1, 5), (1,)]
+    engine = SimpleNamespace(param_names=["a", "b", "c", "d"], param_shapes=shapes,
+                             param_sizes=[int(torch.tensor(s).prod()) for s in shapes])
+    flat = torch.randn(3, sum(engine.param_sizes), dtype=torch.float64, requires_grad=True)
+
+    def loss(split):
+        p = split(engine, flat)
+        return (p["b"].sin().sum() + p["c"].exp().sum()) * 2 + 0 * p["d"].sum(), p  # "a" unused: no gradient
+
+    fn = loss if backend is None else torch.compile(loss, backend=backend)
+    got, pieces = fn(stacked.split_params)
+    want, views = loss(lambda e, f: BatchedFolds._params(e, f))
+    for name in views:
+        torch.testing.assert_close(pieces[name], views[name])
+    torch.testing.assert_close(torch.autograd.grad(got, flat), torch.autograd.grad(want, flat))
 
 
 def test_stacked_layout_refuses_models_it_cannot_run():
@@ -230,6 +280,36 @@ def test_cl_conv_op_matches_conv1d_with_gradients(case):
                                torch.autograd.grad((want * gy).sum(), (x, w)))
 
 
+WINDOW_CASES = [(2, 3, 60, 8, 3, 5), (3, 2, 130, 20, 5, 4), (2, 2, 50, 9, 9, 3)]  # G, B, L, kernel, stride, O
+
+
+def _windows_case(case, dtype):
+    G, B, L, kernel, stride, O = case
+    torch.manual_seed(0)
+    signal = torch.randn(G, B, L, dtype=dtype, requires_grad=True)
+    w = torch.randn(G, kernel, O, dtype=dtype, requires_grad=True)
+    return signal, w, stride, (L - kernel) // stride + 1
+
+
+def _windows_expected(signal, w, stride, l_out):
+    return torch.stack([torch.nn.functional.conv1d(signal[g].unsqueeze(1), w[g].t().unsqueeze(1), stride=stride)
+                        for g in range(signal.shape[0])]).transpose(2, 3)[:, :, :l_out]
+
+
+@pytest.mark.parametrize("case", WINDOW_CASES)
+def test_cl_conv_windows_matches_strided_conv1d_with_gradients(case):
+    op = _load("cl_conv_op")
+    signal, w, stride, l_out = _windows_case(case, torch.float64)
+    got, want = op.conv1d_windows(signal, w, stride, l_out), _windows_expected(signal, w, stride, l_out)
+    torch.testing.assert_close(got, want)
+    assert got.permute(1, 2, 0, 3).is_contiguous()
+    gy = torch.randn_like(want)
+    torch.testing.assert_close(torch.autograd.grad((got * gy).sum(), (signal, w)),
+                               torch.autograd.grad((want * gy).sum(), (signal, w)))
+    with pytest.raises(ValueError, match="need .* samples, the signal has .* \\(pad it first\\)"):
+        op.conv1d_windows(signal, w, stride, l_out + 1)
+
+
 POOL_CASES = [(3, 37, 20, 8, 2, 4), (2, 31, 24, 4, 4, 2), (2, 16, 5, 2, 2, 1), (2, 30, 7, 3, 1, 1)]  # B, L, G, k, s, p
 
 
@@ -247,6 +327,32 @@ def test_cl_max_pool_matches_max_pool1d_with_gradients(case):
     torch.testing.assert_close(torch.autograd.grad((got * gy).sum(), x), torch.autograd.grad((want * gy).sum(), x))
 
 
+def _check_pool_dropout(op, x, k, s, p, drop=0.5):
+    """max_pool_cl with dropout: kept outputs are the maxima over (1 - drop), dropped ones 0 with offset
+    -1, about ``drop`` of them dropped, the gradient that of that product; a seed repeats its mask."""
+    seed = torch.tensor([1234])
+    got, offsets = op.max_pool_cl(x, k, s, p, drop, seed)
+    kept = offsets >= 0
+    pooled = torch.nn.functional.max_pool1d(x.transpose(1, 2), k, s, p).transpose(1, 2)
+    want = torch.where(kept, pooled / (1 - drop), 0)
+    torch.testing.assert_close(got, want)
+    assert abs(float(kept.double().mean()) - (1 - drop)) < 0.1
+    assert torch.equal(op.max_pool_cl(x, k, s, p, drop, seed)[1], offsets)
+    assert not torch.equal(op.max_pool_cl(x, k, s, p, drop, torch.tensor([99]))[1], offsets)
+    gy = torch.randn_like(want)
+    torch.testing.assert_close(torch.autograd.grad((got * gy).sum(), x), torch.autograd.grad((want * gy).sum(), x))
+
+
+def test_cl_max_pool_with_dropout():
+    op = _load("cl_conv_op")
+    torch.manual_seed(0)
+    _check_pool_dropout(op, torch.randn(4, 37, 20, dtype=torch.float64, requires_grad=True), 8, 2, 4)
+    with pytest.raises(ValueError, match="one-element seed"):
+        op.max_pool_cl(torch.zeros(1, 8, 2), 2, 2, 0, 0.5)
+    with pytest.raises(ValueError, match="0 <= drop < 1"):
+        op.max_pool_cl(torch.zeros(1, 8, 2), 2, 2, 0, 1.0, torch.tensor([1]))
+
+
 def test_cl_conv_kernels_in_the_triton_interpreter():
     """The Triton kernels themselves (convolution: forward, input and weight gradients; max-pool:
     forward and backward), run by Triton's CPU interpreter."""
@@ -255,8 +361,8 @@ def test_cl_conv_kernels_in_the_triton_interpreter():
 import sys, torch
 sys.path.insert(0, {str(BENCHMARKS)!r}); sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
 import cl_conv_op as op
-from test_benchmarks import CL_CONV_CASES, POOL_CASES, _cl_case, _cl_conv_expected
-op.conv1d_cl_reference = None  # the kernels must do the work
+from test_benchmarks import CL_CONV_CASES, POOL_CASES, WINDOW_CASES, _check_pool_dropout, _cl_case, _cl_conv_expected, _windows_case, _windows_expected
+op.conv1d_cl_reference = op._windows_reference = None  # the kernels must do the work
 assert op.kernels_usable(torch.zeros(1))
 for case in CL_CONV_CASES:
     x, w, pad, l_out = _cl_case(case, torch.float32)
@@ -265,6 +371,13 @@ for case in CL_CONV_CASES:
     pairs = zip((got, *torch.autograd.grad((got * gy).sum(), (x, w))), (want, *torch.autograd.grad((want * gy).sum(), (x, w))))
     for a, b in pairs:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+for case in WINDOW_CASES:  # the first layers: forward and weight gradient
+    signal, w, stride, l_out = _windows_case(case, torch.float32)
+    signal.requires_grad_(False)
+    got, want = op.conv1d_windows(signal, w, stride, l_out), _windows_expected(signal, w, stride, l_out)
+    gy = torch.randn_like(want)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.autograd.grad((got * gy).sum(), w), torch.autograd.grad((want * gy).sum(), w), rtol=1e-4, atol=1e-4)
 for B, L, G, k, s, p in POOL_CASES:  # the max-pool kernels: forward and backward
     x = torch.randn(B, L, G, requires_grad=True)
     got, _ = op.max_pool_cl(x, k, s, p)
@@ -272,6 +385,76 @@ for B, L, G, k, s, p in POOL_CASES:  # the max-pool kernels: forward and backwar
     gy = torch.randn_like(want)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(torch.autograd.grad((got * gy).sum(), x), torch.autograd.grad((want * gy).sum(), x))
+_check_pool_dropout(op, torch.randn(4, 37, 20, requires_grad=True), 8, 2, 4)  # with dropout, the kernels' own mask
+print("ok")
+"""
+    _run_interpreted(script)
+
+
+# ---------------------------------------------------------------- bn_act_op (batch norm fused with its activation)
+BN_ACT_CASES = [(37, 20, "gelu"), (200, 130, "gelu"), (64, 30, "relu"), (9, 3, "none")]  # rows, channels, activation
+
+
+def _bn_act_case(R, N, dtype):
+    torch.manual_seed(0)
+    x = (torch.randn(R, N, dtype=dtype) * 3 + 5).requires_grad_()  # a mean far from 0: the shifted sums matter
+    w = (torch.rand(N, dtype=dtype) + 0.5).requires_grad_()
+    b = torch.randn(N, dtype=dtype, requires_grad=True)
+    return x, w, b, torch.randn(N, dtype=dtype) * 0.1 + 5
+
+
+def _bn_act_expected(x, w, b, act):
+    y = torch.nn.functional.batch_norm(x, None, None, w, b, True, 0.1, 1e-5)
+    return {"gelu": torch.nn.functional.gelu, "relu": torch.relu, "none": lambda t: t}[act](y)
+
+
+@pytest.mark.parametrize("case", BN_ACT_CASES)
+def test_bn_act_op_matches_batch_norm_and_activation_with_gradients(case):
+    op = _load("bn_act_op")
+    R, N, act = case
+    x, w, b, shift = _bn_act_case(R, N, torch.float64)
+    got, mean, rstd = op.bn_act_cl(x, w, b, shift, 1e-5, act)
+    want = _bn_act_expected(x, w, b, act)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(mean, x.mean(0))
+    torch.testing.assert_close(rstd, torch.rsqrt(x.var(0, unbiased=False) + 1e-5))
+    gy = torch.randn_like(want)
+    torch.testing.assert_close(torch.autograd.grad((got * gy).sum(), (x, w, b)),
+                               torch.autograd.grad((want * gy).sum(), (x, w, b)))
+
+
+def test_bn_act_op_says_what_it_needs():
+    op = _load("bn_act_op")
+    x, w, b, shift = _bn_act_case(8, 4, torch.float64)
+    with pytest.raises(ValueError, match="contiguous \\(rows, channels\\) matrix"):
+        op.bn_act_cl(x.t(), w, b, shift, 1e-5, "gelu")
+    with pytest.raises(ValueError, match="per-channel vectors of shape \\(4,\\)"):
+        op.bn_act_cl(x, w[:3], b, shift, 1e-5, "gelu")
+    with pytest.raises(ValueError, match="act must be one of"):
+        op.bn_act_cl(x, w, b, shift, 1e-5, "tanh")
+
+
+def test_bn_act_kernels_in_the_triton_interpreter():
+    """The Triton kernels (statistics, normalisation, the two backward passes) in the CPU interpreter,
+    with several row splits."""
+    pytest.importorskip("triton")
+    script = f"""
+import sys, torch
+sys.path.insert(0, {str(BENCHMARKS)!r}); sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+import bn_act_op as op
+from test_benchmarks import BN_ACT_CASES, _bn_act_case, _bn_act_expected
+op.bn_act_reference = op._backward_reference = None  # the kernels must do the work
+assert op.kernels_usable(torch.zeros(1))
+for R, N, act in BN_ACT_CASES:
+    x, w, b, shift = _bn_act_case(R, N, torch.float32)
+    assert op._blocks(x)[2] > 1 or R <= 8  # several row splits
+    got, mean, _ = op.bn_act_cl(x, w, b, shift, 1e-5, act)
+    want = _bn_act_expected(x, w, b, act)
+    gy = torch.randn_like(want)
+    torch.testing.assert_close(mean, x.mean(0))
+    pairs = zip((got, *torch.autograd.grad((got * gy).sum(), (x, w, b))), (want, *torch.autograd.grad((want * gy).sum(), (x, w, b))))
+    for a, e in pairs:
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
 print("ok")
 """
     _run_interpreted(script)
