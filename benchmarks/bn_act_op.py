@@ -121,6 +121,22 @@ if triton is not None:
         g = tl.load(gy_ptr + at, mask=ok, other=0.0).to(tl.float32) * _activate_grad(xhat * w[None, :] + b[None, :], ACT)
         return tl.where(ok, g, 0.0), xhat
 
+    @triton.jit
+    def _store_partials(part_ptr, split, N, cols, c_ok, acc1, acc2):
+        # part[split, 0 | 1, n]: the two column sums of this split's rows
+        base = part_ptr + split * 2 * N + cols
+        tl.store(base, tl.sum(acc1, 0), mask=c_ok)
+        tl.store(base + N, tl.sum(acc2, 0), mask=c_ok)
+
+    @triton.jit
+    def _sum_partials(part_ptr, N, n_split, cols, c_ok, BN: tl.constexpr):
+        s1 = tl.zeros((BN,), dtype=tl.float32)
+        s2 = tl.zeros((BN,), dtype=tl.float32)
+        for i in range(n_split):
+            s1 += tl.load(part_ptr + i * 2 * N + cols, mask=c_ok, other=0.0)
+            s2 += tl.load(part_ptr + i * 2 * N + N + cols, mask=c_ok, other=0.0)
+        return s1, s2
+
     @_tuned
     @triton.jit
     def stats(x_ptr, shift_ptr, part_ptr, R, N, per_split, BR: tl.constexpr, BN: tl.constexpr):
@@ -139,19 +155,13 @@ if triton is not None:
             d = tl.where(ok, v - s[None, :], 0.0)
             acc1 += d
             acc2 += d * d
-        base = part_ptr + split * 2 * N + cols
-        tl.store(base, tl.sum(acc1, 0), mask=c_ok)
-        tl.store(base + N, tl.sum(acc2, 0), mask=c_ok)
+        _store_partials(part_ptr, split, N, cols, c_ok, acc1, acc2)
 
     @triton.jit
     def stats_finish(part_ptr, shift_ptr, mean_ptr, rstd_ptr, R, N, n_split, eps, BN: tl.constexpr):
         cols = tl.program_id(0) * BN + tl.arange(0, BN)
         c_ok = cols < N
-        s1 = tl.zeros((BN,), dtype=tl.float32)
-        s2 = tl.zeros((BN,), dtype=tl.float32)
-        for i in range(n_split):
-            s1 += tl.load(part_ptr + i * 2 * N + cols, mask=c_ok, other=0.0)
-            s2 += tl.load(part_ptr + i * 2 * N + N + cols, mask=c_ok, other=0.0)
+        s1, s2 = _sum_partials(part_ptr, N, n_split, cols, c_ok, BN)
         m = s1 / R
         var = tl.maximum(s2 / R - m * m, 0.0)
         tl.store(mean_ptr + cols, tl.load(shift_ptr + cols, mask=c_ok, other=0.0).to(tl.float32) + m, mask=c_ok)
@@ -190,19 +200,13 @@ if triton is not None:
                                                   mean, rstd, w, b, ACT)
             acc_g += g
             acc_gx += g * xhat
-        base = part_ptr + split * 2 * N + cols
-        tl.store(base, tl.sum(acc_g, 0), mask=c_ok)
-        tl.store(base + N, tl.sum(acc_gx, 0), mask=c_ok)
+        _store_partials(part_ptr, split, N, cols, c_ok, acc_g, acc_gx)
 
     @triton.jit
     def grad_finish(part_ptr, gw_ptr, gb_ptr, N, n_split, BN: tl.constexpr):
         cols = tl.program_id(0) * BN + tl.arange(0, BN)
         c_ok = cols < N
-        s1 = tl.zeros((BN,), dtype=tl.float32)
-        s2 = tl.zeros((BN,), dtype=tl.float32)
-        for i in range(n_split):
-            s1 += tl.load(part_ptr + i * 2 * N + cols, mask=c_ok, other=0.0)
-            s2 += tl.load(part_ptr + i * 2 * N + N + cols, mask=c_ok, other=0.0)
+        s1, s2 = _sum_partials(part_ptr, N, n_split, cols, c_ok, BN)
         tl.store(gb_ptr + cols, s1, mask=c_ok)
         tl.store(gw_ptr + cols, s2, mask=c_ok)
 

@@ -264,6 +264,12 @@ def empty_cl(G: int, B: int, L: int, C: int, like: Tensor) -> Tensor:
     return torch.empty(B, L, G, C, device=like.device, dtype=like.dtype).permute(2, 0, 1, 3)
 
 
+def _grouped(gy: Tensor) -> Tensor:
+    """An output gradient ``(G, B, l_out, O)`` as grouped ``conv1d``'s ``(B, G*O, l_out)`` (the references)."""
+    G, B, l_out, O = gy.shape
+    return gy.permute(1, 0, 3, 2).reshape(B, G * O, l_out)
+
+
 def _as_cl(y: Tensor) -> Tensor:
     out = empty_cl(*y.shape, like=y)
     return out.copy_(y)
@@ -309,8 +315,7 @@ def _conv1d_cl_grad_weight(gy: Tensor, x: Tensor, pad: int, k: int) -> Tensor:
         return _grad_weight_kernel(_channels_contiguous(gy), _channels_contiguous(x), pad, k).to(x.dtype).contiguous()
     G, B, L, C = x.shape
     l_out, O = gy.shape[2], gy.shape[3]
-    gyg = gy.permute(1, 0, 3, 2).reshape(B, G * O, l_out)
-    gw = torch.nn.grad.conv1d_weight(_grouped_padded(x, pad, l_out, k), (G * O, C, k), gyg, groups=G)
+    gw = torch.nn.grad.conv1d_weight(_grouped_padded(x, pad, l_out, k), (G * O, C, k), _grouped(gy), groups=G)
     return gw.view(G, O, C, k).permute(0, 3, 2, 1).contiguous()
 
 
@@ -394,8 +399,8 @@ def _conv1d_windows_grad_weight(gy: Tensor, signal: Tensor, stride: int, kernel:
     if kernels_usable(signal):
         gw = _grad_weight_kernel(_channels_contiguous(gy), _windows(signal, kernel, stride, l_out), 0, 1)
         return gw[:, 0].to(signal.dtype).contiguous()
-    gyg = gy.permute(1, 0, 3, 2).reshape(B, G * O, l_out)
-    gw = torch.nn.grad.conv1d_weight(signal.transpose(0, 1), (G * O, 1, kernel), gyg, stride=stride, groups=G)
+    gw = torch.nn.grad.conv1d_weight(signal.transpose(0, 1), (G * O, 1, kernel), _grouped(gy), stride=stride,
+                                     groups=G)
     return gw.view(G, O, kernel).transpose(1, 2).contiguous()
 
 
@@ -409,9 +414,8 @@ def _conv1d_windows_grad_input(gy: Tensor, w: Tensor, stride: int, length: int) 
     # not on the engine's path (the signal needs no gradient): cuDNN's, through the reference
     G, B, l_out, O = gy.shape
     kernel = w.shape[1]
-    gyg = gy.permute(1, 0, 3, 2).reshape(B, G * O, l_out)
-    gx = torch.nn.grad.conv1d_input((B, G, length), w.permute(0, 2, 1).reshape(G * O, 1, kernel).to(gy.dtype), gyg,
-                                    stride=stride, groups=G)
+    gx = torch.nn.grad.conv1d_input((B, G, length), w.permute(0, 2, 1).reshape(G * O, 1, kernel).to(gy.dtype),
+                                    _grouped(gy), stride=stride, groups=G)
     return gx.transpose(0, 1).contiguous()
 
 
