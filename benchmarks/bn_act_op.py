@@ -82,9 +82,22 @@ except ImportError:  # CPU-only installs: the reference
 
 if triton is not None:
     @triton.jit
+    def _normal_cdf_and_density(z):
+        # Phi(z) and phi(z) for the exact GELU: erf by Abramowitz & Stegun 7.1.26 (absolute error
+        # < 1.5e-7), which shares its exp(-z^2 / 2) with the density. libdevice's erf, some 30
+        # instructions an element, made the normalisation and both backward passes partly
+        # compute-bound (H100 profile, step 8)
+        e = tl.exp(-0.5 * z * z)
+        t = 1.0 / (1.0 + 0.2316418882663604 * tl.abs(z))  # p = 0.3275911 of the erf form, times 1/sqrt(2)
+        poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+        q = 0.5 * poly * e
+        return tl.where(z >= 0.0, 1.0 - q, q), e * 0.3989422804014327
+
+    @triton.jit
     def _activate(z, ACT: tl.constexpr):
         if ACT == 1:
-            return 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
+            cdf, _ = _normal_cdf_and_density(z)
+            return z * cdf
         elif ACT == 2:
             return tl.maximum(z, 0.0)
         else:
@@ -93,7 +106,8 @@ if triton is not None:
     @triton.jit
     def _activate_grad(z, ACT: tl.constexpr):
         if ACT == 1:
-            return 0.5 * (1.0 + tl.erf(z * 0.7071067811865476)) + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
+            cdf, density = _normal_cdf_and_density(z)
+            return cdf + z * density
         elif ACT == 2:
             return tl.where(z > 0.0, 1.0, 0.0)
         else:

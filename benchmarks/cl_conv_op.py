@@ -13,7 +13,7 @@ reversed and the weights transposed; the weight gradient is one more kernel that
 ``(b, l)`` in splits.
 
 ``conv1d_cl(x, w, pad, l_out)`` takes ``x (G, B, L, C)`` (any strides with the channels
-contiguous: the stacked engine passes a view of ``(B, L, K, C)`` memory) and ``w (G, O, C, k)``
+contiguous: the stacked engine passes a view of ``(B, L, K, C)`` memory) and ``w (G, k, C, O)``
 and returns ``y (G, B, l_out, O)``, in ``(B, l_out, G, O)`` memory (:func:`empty_cl`), with ``y[g, b, l, o] = sum_{c, j} w[g, o, c, j] *
 x[g, b, l + j - pad, c]`` (zero outside ``0 <= l + j - pad < L``), i.e. per fold ``conv1d``
 with ``pad`` zeros on the left and as many on the right as ``l_out`` needs. On CPU without
@@ -63,11 +63,13 @@ def _kernels():
     @triton.jit
     def conv_cl(x_ptr, w_ptr, y_ptr, M, L, l_out, C, O, pad,
                 s_xg, s_xb, s_xl, s_wg, s_wj, s_wc, s_wo, s_yg, s_yb, s_yl,
-                TAPS: tl.constexpr, FLIP: tl.constexpr,
+                TAPS: tl.constexpr, FLIP: tl.constexpr, X_ALIGN: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         # y[g, m=(b, l), o] = sum_{j, c} x[g, b, l + j - pad, c] * w[g, j', c, o], j' = j (or
         # TAPS - 1 - j with FLIP), w read through its strides (the input gradient reads the
-        # forward's weights transposed and flipped, without a copy)
+        # forward's weights transposed and flipped, without a copy). X_ALIGN: what every row of x
+        # starts at a multiple of (elements), for vector loads where Triton cannot see it (the
+        # first layers' windows, rows 8 apart)
         g = tl.program_id(2).to(tl.int64)
         offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
         offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -88,8 +90,8 @@ def _kernels():
             c_ok = cc < C
             pos = l + j - pad
             row_ok = m_ok & (pos >= 0) & (pos < L)
-            a = tl.load((x_rows + pos * s_xl)[:, None] + cc[None, :], mask=row_ok[:, None] & c_ok[None, :],
-                        other=0.0)
+            a = tl.load((x_rows + tl.multiple_of(pos * s_xl, X_ALIGN))[:, None] + cc[None, :],
+                        mask=row_ok[:, None] & c_ok[None, :], other=0.0)
             tap = TAPS - 1 - j if FLIP else j
             wt = tl.load(w_base + tap * s_wj + cc[:, None] * s_wc + offs_n[None, :] * s_wo,
                          mask=c_ok[:, None] & n_ok[None, :], other=0.0)
@@ -100,7 +102,7 @@ def _kernels():
     @triton.jit
     def conv_cl_wgrad(x_ptr, gy_ptr, part_ptr, M, L, l_out, C, O, pad, per_split, n_split,
                       s_xg, s_xb, s_xl, s_yg, s_yb, s_yl, s_pg, s_ps,
-                      BR: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                      X_ALIGN: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         # part[g, split, j * C + c, o] = sum over this split's rows m=(b, l) of
         # x[g, b, l + j - pad, c] * gy[g, b, l, o]
         pid_gs = tl.program_id(2)
@@ -124,7 +126,7 @@ def _kernels():
             l = offs_m % l_out
             pos = l + j - pad
             x_ok = m_ok & (pos >= 0) & (pos < L)
-            xt = tl.load(x_base + (b * s_xb + pos * s_xl)[:, None] + cc[None, :],
+            xt = tl.load(x_base + tl.multiple_of(b * s_xb + pos * s_xl, X_ALIGN)[:, None] + cc[None, :],
                          mask=x_ok[:, None] & c_ok[None, :], other=0.0)
             gyt = tl.load(y_base + (b * s_yb + l * s_yl)[:, None] + offs_n[None, :],
                           mask=m_ok[:, None] & n_ok[None, :], other=0.0)
@@ -182,6 +184,15 @@ def _pow2(n: int, lo: int, hi: int) -> int:
     return b
 
 
+def _row_alignment(x: Tensor) -> int:
+    """The largest power of two up to 8 (16 bytes in bf16) that every row start of ``x (G, B, L, C)``
+    (channels contiguous) is a multiple of, in elements."""
+    a = 8
+    while a > 1 and any(v % a for v in (x.storage_offset(), *x.stride()[:3])):
+        a //= 2
+    return a
+
+
 def _check(x: Tensor, what: str) -> None:
     if x.stride(-1) != 1:
         raise ValueError(f"conv1d_cl needs {what} with contiguous channels (stride 1 in the last "
@@ -203,14 +214,15 @@ def _run_conv(x: Tensor, w: Tensor, w_strides: tuple, flip: bool, pad: int, l_ou
             x.stride(0), x.stride(1), x.stride(2), *w_strides, y.stride(0), y.stride(1), y.stride(2))
     if x.is_cuda and _autotune():
         conv_cl[lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(O, meta["BN"]), G)](
-            *args, TAPS=taps, FLIP=flip)
+            *args, TAPS=taps, FLIP=flip, X_ALIGN=_row_alignment(x))
     elif x.is_cuda:
         BM, BN, BK, warps, stages = _conv_blocks(M, C, O, taps)
-        conv_cl.fn[(triton.cdiv(M, BM), triton.cdiv(O, BN), G)](*args, TAPS=taps, FLIP=flip, BM=BM, BN=BN, BK=BK,
-                                                               num_warps=warps, num_stages=stages)
+        conv_cl.fn[(triton.cdiv(M, BM), triton.cdiv(O, BN), G)](*args, TAPS=taps, FLIP=flip, X_ALIGN=_row_alignment(x),
+                                                               BM=BM, BN=BN, BK=BK, num_warps=warps, num_stages=stages)
     else:  # the interpreter
         BM, BN, BK = 32, _pow2(O, 16, 128), _pow2(C, 16, 64)
-        conv_cl[(triton.cdiv(M, BM), triton.cdiv(O, BN), G)](*args, TAPS=taps, FLIP=flip, BM=BM, BN=BN, BK=BK)
+        conv_cl[(triton.cdiv(M, BM), triton.cdiv(O, BN), G)](*args, TAPS=taps, FLIP=flip, X_ALIGN=_row_alignment(x),
+                                                              BM=BM, BN=BN, BK=BK)
     return y
 
 
@@ -247,7 +259,7 @@ def _grad_weight_kernel(gy: Tensor, x: Tensor, pad: int, k: int) -> Tensor:
     grid = (k * triton.cdiv(C, BR), triton.cdiv(O, BN), G * n_split)
     args = (x, gy, part, M, L, l_out, C, O, pad, per_split, n_split,
             x.stride(0), x.stride(1), x.stride(2), gy.stride(0), gy.stride(1), gy.stride(2),
-            part.stride(0), part.stride(1))
+            part.stride(0), part.stride(1), _row_alignment(x))
     if x.is_cuda and _autotune():
         conv_cl_wgrad[grid](*args, BR=BR, BN=BN)
     elif x.is_cuda:
@@ -428,6 +440,28 @@ _register_conv_autograd(conv1d_windows, _conv1d_windows_grad_input, _conv1d_wind
 
 
 # ----------------------------------------------------------------------------- max-pooling
+# jit helpers are looked up among the module's globals: defined here, when Triton is installed
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the references
+    triton = None
+
+if triton is not None:
+    @triton.jit
+    def _uniform16(seed, tile, BR: tl.constexpr, BG: tl.constexpr):
+        # a (BR, BG) tile of uniform integers in [0, 2^16): one Philox draw (four 32-bit words) per
+        # eight of them. tl.rand's draw per element made the max-pool + dropout pass compute-bound
+        # (265 us against 129 us for the pooling alone on an H200, step 7)
+        unit = tile * (BR * (BG // 8)) + tl.arange(0, BR)[:, None] * (BG // 8) + tl.arange(0, BG // 8)[None, :]
+        r0, r1, r2, r3 = tl.randint4x(seed, unit)
+        a = tl.join(r0 & 0xFFFF, r0 >> 16)
+        b = tl.join(r1 & 0xFFFF, r1 >> 16)
+        c = tl.join(r2 & 0xFFFF, r2 >> 16)
+        d = tl.join(r3 & 0xFFFF, r3 >> 16)
+        return tl.reshape(tl.join(tl.join(a, b), tl.join(c, d)), (BR, BG))
+
+
 # A fused max-pool was the other half of the cost: written as strided slices for inductor, the
 # batch norm and GELU before it were recomputed for every window position (kernel 8: 8 times)
 # and eight boolean masks were saved for the backward. This op keeps one int8 offset per output.
@@ -437,7 +471,7 @@ def _pool_kernels():
     import triton.language as tl
 
     @triton.jit
-    def pool_fwd(x_ptr, y_ptr, idx_ptr, seed_ptr, R, L, l_out, G, stride, pad, drop,
+    def pool_fwd(x_ptr, y_ptr, idx_ptr, seed_ptr, R, L, l_out, G, stride, pad, drop, drop_threshold,
                  KERNEL: tl.constexpr, DROP: tl.constexpr, BR: tl.constexpr, BG: tl.constexpr):
         # y[b, l, g] = max_j x[b, l * stride - pad + j, g] (positions outside [0, L) are -inf);
         # idx: the first j attaining it. With DROP, inverted dropout of rate `drop` too: a dropped
@@ -461,7 +495,8 @@ def _pool_kernels():
         out = (b * l_out + l)[:, None] * G + cols[None, :]
         mask = r_ok[:, None] & g_ok[None, :]
         if DROP:
-            keep = tl.rand(tl.load(seed_ptr).to(tl.uint32), out.to(tl.uint32)) >= drop
+            tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+            keep = _uniform16(tl.load(seed_ptr).to(tl.uint32), tile, BR, BG) >= drop_threshold
             best = tl.where(keep, best / (1.0 - drop), 0.0)
             arg = tl.where(keep, arg, -1)
         tl.store(y_ptr + out, best.to(y_ptr.dtype.element_ty), mask=mask)
@@ -509,7 +544,8 @@ def max_pool_cl(x: Tensor, kernel: int, stride: int, pad: int, drop: float = 0.0
 
     With ``drop > 0``, followed by inverted dropout of that rate (the dropout after the MRCNN's first
     pooling, in the same pass): ``seed`` (one integer, on the device) picks the mask; a dropped
-    output is 0 and its offset -1."""
+    output is 0 and its offset -1. The kernels draw 16-bit uniforms, so the rate is ``drop`` rounded to a
+    multiple of 2^-16 (0.5 exactly); kept outputs are scaled by ``1 / (1 - drop)``."""
     B, L, G = x.shape
     l_out = _pool_out(L, kernel, stride, pad)
     if kernel > 127 or pad > kernel // 2:
@@ -527,7 +563,8 @@ def max_pool_cl(x: Tensor, kernel: int, stride: int, pad: int, drop: float = 0.0
         BR, BG = _pool_blocks(G, not x.is_cuda)
         R = B * l_out
         pool_fwd[(triton.cdiv(R, BR), triton.cdiv(G, BG))](x, y, idx, idx if seed is None else seed, R, L, l_out, G,
-                                                          stride, pad, drop, KERNEL=kernel, DROP=drop > 0, BR=BR, BG=BG)
+                                                          stride, pad, drop, round(drop * 2**16), KERNEL=kernel,
+                                                          DROP=drop > 0, BR=BR, BG=BG)
         return y, idx
     windows = F.pad(x.transpose(1, 2), (pad, pad), value=float("-inf")).unfold(-1, kernel, stride)
     y, idx = windows.max(-1)  # the first maximum, as max_pool1d

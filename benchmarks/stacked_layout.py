@@ -12,9 +12,15 @@ because it needs Triton and runs only AttnSleep's module types::
     python3 benchmarks/stacked_layout.py --device cuda --folds 20 --epochs 3 --skip-naive --amp bf16 --compile --cl-convs --fused
 
 (``--tce-cudnn``: the TCE's convolutions by cuDNN instead; ``--einsum-1x1``: the AFR's 1x1 ones as
-``einsum``; both measured no faster. ``--unaligned``: channels not padded.)
+``einsum``; both measured no faster. ``--unaligned``: channels not padded. ``--strided-windows``: the
+first layers' windows all read in place. ``--warm-kernels``: compile this configuration's Triton
+kernels in a child process while the engine compiles its graphs, step 8.) The whole schedule from a
+cold start, as measured in step 8::
 
-takes :mod:`benchmarks.train_speed`'s arguments and runs it with
+    python3 benchmarks/stacked_layout.py --device cuda --skip-naive --amp bf16 --compile --cl-convs --fused \
+        --full-only --lean-compile --eager-eval --warm-kernels --cold-start-report
+
+It takes :mod:`benchmarks.train_speed`'s arguments and runs it with
 :meth:`~sleeplib.train.fast.BatchedFolds._forward_all_eager` replaced by :func:`stacked_forward`.
 
 The idea: ``torch.func.vmap`` over ``functional_call`` runs K fold models generically, but its
@@ -79,6 +85,10 @@ EINSUM_1X1 = False
 ALIGN_CHANNELS = 8
 """With cl_convs, convolutions' channels are zero-padded to a multiple of this (16 bytes in bf16);
 ``--unaligned``: 1, none."""
+ALIGNED_WINDOWS = True
+"""With cl_convs, the first layers' windows read from the signal cut into 16-byte aligned chunks
+(:func:`_aligned_windows`) where that costs no extra work (:func:`_aligning_is_free`: the large
+branch); ``--strided-windows``: all in place, ``stride`` samples apart (step 7)."""
 FUSED = False
 """With cl_convs, in training (``--fused``): each ``BatchNorm1d -> GELU`` pair of a ``Sequential`` (the
 MRCNN's) by ``bn_act_op.bn_act_cl``, each ``MaxPool1d -> Dropout`` pair by ``max_pool_cl`` with its
@@ -357,11 +367,45 @@ def _cl_unfold_conv(run, m: UnfoldConv1d, prefix, x):
         return y.permute(0, 3, 1, 2)
     dtype = _autocast_dtype(x)
     n_out = (L + 2 * pad - kernel) // stride + 1
-    signal = F.pad(x[..., 0].permute(2, 0, 1), (pad, pad))  # (K, B, L + 2 pad): the engine's fold-major batch
+    signal = x[..., 0].permute(2, 0, 1)  # (K, B, L): the engine's fold-major batch
     w = run.p(prefix, "weight")[:, :, 0, :].transpose(1, 2)  # (K, kernel, O)
+    if ALIGNED_WINDOWS and _aligning_is_free(kernel, stride):
+        signal, w, stride = _aligned_windows(signal, w, pad, stride, n_out)
+    else:
+        signal = F.pad(signal, (pad, pad))
     y = conv1d_windows(signal.to(dtype), w.contiguous().to(dtype), stride, n_out).permute(1, 2, 0, 3)
     b = run.p(prefix, "bias")
     return y if b is None else y + b.to(y.dtype)
+
+
+def _aligning_is_free(kernel: int, stride: int) -> bool:
+    """Whether :func:`_aligned_windows`' longer rows take no more 64-wide blocks of the matrix product
+    than the plain windows: so for the large branch (8 chunks of 56 for 400 samples), not for the small
+    one (9 chunks of 8 for 50: 128 against 64), whose layer measured slower aligned (step 8, H100: 204 us
+    forward and 184 us weight gradient; strided, step 7, H200: 141 and 87 us)."""
+    span, width = -(-kernel // stride), -(-stride // 8) * 8
+    return -(-span * width // 64) <= -(-kernel // 64)
+
+
+def _aligned_windows(signal: torch.Tensor, w: torch.Tensor, pad: int, stride: int, n_out: int):
+    """The zero-padded ``signal (K, B, L)`` cut into chunks of ``stride`` samples, each zero-filled to
+    a multiple of 8 (16 bytes in bf16), and the weights ``w (K, kernel, O)`` spread to match (zero
+    rows in the gaps): ``(chunks (K, B, n * width), weights (K, T * width, O), width)`` for
+    :func:`~cl_conv_op.conv1d_windows`, whose windows then start every ``width`` samples, at aligned
+    addresses. At ``stride`` apart (6 and 50 samples) every load of a window was a scalar one: the
+    large branch's weight gradient took 232 us a step on an H200, the small branch's forward 141 us
+    (step 7)."""
+    K, B, L = signal.shape
+    kernel = w.shape[1]
+    span = -(-kernel // stride)  # chunks a window touches
+    width = -(-stride // 8) * 8
+    n_chunks = n_out + span - 1
+    signal = F.pad(signal, (pad, n_chunks * stride - L - pad))  # a negative right pad crops unread samples
+    chunks = F.pad(signal.reshape(K, B, n_chunks, stride), (0, width - stride)).reshape(K, B, n_chunks * width)
+    # sample q * stride + e of a window sits at q * width + e; the gaps read row `kernel`, a zero row
+    at = [q * stride + e if e < stride and q * stride + e < kernel else kernel for q in range(span) for e in range(width)]
+    spread = F.pad(w, (0, 0, 0, 1))[:, at]
+    return chunks, spread, width
 
 
 def _fusable_bn_act(run, bn: nn.Module, act: nn.Module | None) -> bool:
@@ -560,6 +604,50 @@ def use_stacked_forward(cl_convs: bool = False) -> None:
     BatchedFolds._forward_all_eager = forward
 
 
+_OWN_FLAGS = ("--cl-convs", "--tce-cudnn", "--einsum-1x1", "--fused", "--unaligned", "--strided-windows")
+
+
+def warm_kernels(folds: int, batch: int, n_times: int, eval_batch: int, device: str = "cuda") -> float:
+    """One eager training step and one evaluation of the engine, with :func:`stacked_forward`, on a
+    small dataset of the real shapes: run in a child process while the parent compiles its graphs
+    (``--warm-kernels``), it compiles the Triton kernels of this configuration into Triton's
+    on-disk cache, where the parent then finds most of them (eager and compiled code can hand the
+    kernels tensors of other strides or alignment: those the parent still compiles). Returns the
+    seconds taken."""
+    import time
+
+    import numpy as np
+
+    from sleeplib.models import build_model
+    from sleeplib.train.config import get_recipe
+    from sleeplib.train.fast import BatchedFolds
+
+    t0 = time.perf_counter()
+    n = max(2 * batch, eval_batch + 1)
+    x = torch.randn(n, 1, n_times, device=device)
+    y = torch.randint(0, 5, (n,), device=device)
+    config = get_recipe("attnsleep", batch_size=batch, eval_batch_size=eval_batch, amp="bf16", progress=False)
+    engine = BatchedFolds(lambda: build_model("attnsleep", n_times=n_times), x, y, [np.arange(n)] * folds,
+                          [np.arange(n)] * folds, None, config, device=device, cuda_graphs=False, compile=False)
+    engine._step()
+    engine.evaluate()
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def _start_warming(argv: list[str]) -> None:
+    """``--warm-kernels``: :func:`warm_kernels` in a child process, for the run's shapes."""
+    import subprocess
+
+    def value(flag, default):
+        return argv[argv.index(flag) + 1] if flag in argv else default
+
+    shapes = [value("--folds", "20"), value("--batch", "128"), value("--n-times", "3000")]
+    own = [a for a in argv if a in _OWN_FLAGS]
+    subprocess.Popen([sys.executable, __file__, "--warm-kernels-child", *shapes, *own])
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import train_speed
@@ -569,11 +657,18 @@ if __name__ == "__main__":
     EINSUM_1X1 = "--einsum-1x1" in sys.argv
     FUSED = "--fused" in sys.argv
     ALIGN_CHANNELS = 1 if "--unaligned" in sys.argv else ALIGN_CHANNELS
+    ALIGNED_WINDOWS = "--strided-windows" not in sys.argv
     use_stacked_forward(cl_convs=cl)
+    if "--warm-kernels-child" in sys.argv:
+        folds, batch, n_times = (int(v) for v in sys.argv[sys.argv.index("--warm-kernels-child") + 1:][:3])
+        print(f"warm_kernels: {warm_kernels(folds, batch, n_times, 512):.1f} s")
+        sys.exit(0)
+    if "--warm-kernels" in sys.argv and torch.cuda.is_available():  # Triton kernels: CUDA only
+        _start_warming(sys.argv[1:])
     print(f"fold layout: stacked (benchmarks/stacked_layout.py), cl_convs={cl}, TCE convolutions by "
           f"{'cl_conv_op' if cl and CL_OUTSIDE else 'cuDNN'}, 1x1 convolutions by "
           f"{'einsum' if EINSUM_1X1 else 'cl_conv_op'}, MRCNN batch norm + GELU by "
           f"{'bn_act_op' if cl and FUSED else 'inductor'}, first max-pool + dropout by "
-          f"{'max_pool_cl' if cl and FUSED else 'max_pool_cl, inductor' if cl else 'inductor'}, channels padded to a multiple of {ALIGN_CHANNELS}")
-    train_speed.main([a for a in sys.argv[1:]
-                      if a not in ("--cl-convs", "--tce-cudnn", "--einsum-1x1", "--fused", "--unaligned")])
+          f"{'max_pool_cl' if cl and FUSED else 'max_pool_cl, inductor' if cl else 'inductor'}, channels padded to a multiple of {ALIGN_CHANNELS}, "
+          f"first layers' windows {'aligned' if ALIGNED_WINDOWS else 'strided'}")
+    train_speed.main([a for a in sys.argv[1:] if a not in (*_OWN_FLAGS, "--warm-kernels")])

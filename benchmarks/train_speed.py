@@ -116,8 +116,84 @@ def make_engine(model_name, x, y, train, test, args, config, time_phases=False):
         model_fn = with_fold_convs(model_fn)
     return BatchedFolds(model_fn, x, y, train, test,
                         [[1.0] * 5] * len(train), config, device=args.device, cuda_graphs=args.graphs,
-                        last_batch=args.last_batch, compile=args.compile, bn_fp32=not args.bn_bf16,
+                        last_batch=args.last_batch, compile=args.compile, compile_eval=not args.eager_eval,
+                        bn_fp32=not args.bn_bf16,
                         time_phases=time_phases)
+
+
+class ColdStartReport:
+    """Where a process's first epoch goes: wall time of the engine's eager steps (the first calls
+    compile), the CUDA-graph capture, the short last batches and the evaluations; the Triton
+    kernels compiled in this process (the benchmarks' own; inductor compiles its kernels in worker
+    processes) and ``torch._dynamo``'s table of compile phases (inductor's autotuning included)."""
+
+    def __init__(self, engine):
+        self.calls: dict[str, list[float]] = {}
+        self.triton: list[tuple[str, float, bool]] = []
+        for name in ("_step", "_capture", "_last_batch", "evaluate"):
+            setattr(engine, name, self._timed(name, getattr(engine, name)))
+        try:
+            from triton import knobs
+
+            knobs.compilation.listener = self._listen
+        except (ImportError, AttributeError):  # no Triton, or one without compilation listeners
+            pass
+
+    def _timed(self, name, fn):
+        def wrapper(*a, **k):
+            capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+            if not capturing:
+                sync("cuda" if torch.cuda.is_available() else "cpu")
+            t0 = time.perf_counter()
+            out = fn(*a, **k)
+            if not capturing:
+                sync("cuda" if torch.cuda.is_available() else "cpu")
+            self.calls.setdefault(name, []).append(time.perf_counter() - t0)
+            return out
+        return wrapper
+
+    def _listen(self, *, src, metadata, metadata_group, times, cache_hit):
+        name = getattr(getattr(src, "fn", None), "__name__", None) or metadata.get("name", "?")
+        us = times.ir_initialization + times.total_lowering + times.store_results
+        self.triton.append((name, us / 1e6, cache_hit))
+
+    def summary(self) -> dict:
+        out = {name: {"calls": len(t), "first_s": t[0], "total_s": sum(t)} for name, t in self.calls.items()}
+        misses = [(n, s) for n, s, hit in self.triton if not hit]
+        by_kernel: dict[str, list[float]] = {}
+        for n, s in misses:
+            by_kernel.setdefault(n, []).append(s)
+        out["triton_compiled_here"] = {n: {"count": len(v), "s": sum(v)} for n, v in sorted(by_kernel.items())}
+        out["triton_compiled_here_s"] = sum(s for _, s in misses)
+        try:
+            names, rows = torch._dynamo.utils.compile_times(repr="csv", aggregate=True)
+            out["compile_phases_s"] = {n: float(v) for n, v in zip(names, rows) if _is_number(v)}
+        except Exception as e:  # noqa: BLE001 - a report, not a result: say why it is missing
+            out["compile_phases_s"] = f"unavailable: {e}"
+        return out
+
+    def print(self) -> None:
+        s = self.summary()
+        print("first epoch, wall time by phase (s): " + ", ".join(
+            f"{n} {v['first_s']:.2f} first, {v['total_s']:.2f} in {v['calls']} calls"
+            for n, v in s.items() if isinstance(v, dict) and "first_s" in v))
+        print(f"Triton kernels compiled in this process: {sum(v['count'] for v in s['triton_compiled_here'].values())}, "
+              f"{s['triton_compiled_here_s']:.1f} s: " + ", ".join(
+                  f"{n} {v['count']}x {v['s']:.1f} s" for n, v in s["triton_compiled_here"].items()))
+        phases = s["compile_phases_s"]
+        if isinstance(phases, dict):
+            top = sorted(phases.items(), key=lambda kv: -kv[1])[:25]
+            print("torch.compile phases (s, summed over calls): " + ", ".join(f"{n} {v:.1f}" for n, v in top))
+        else:
+            print("torch.compile phases: " + phases)
+
+
+def _is_number(v) -> bool:
+    try:
+        float(v)
+        return True
+    except (TypeError, ValueError):
+        return False
 
 
 def batched(model_name, x, y, train, test, args, config, epochs):
@@ -125,12 +201,16 @@ def batched(model_name, x, y, train, test, args, config, epochs):
     engine = make_engine(model_name, x, y, train, test, args, config, time_phases=True)
     sync(args.device)
     build = time.perf_counter() - t_build
+    report = ColdStartReport(engine) if args.cold_start_report else None
     epoch_times = []
     for _ in range(epochs):
         t0 = time.perf_counter()
         engine.run_epoch()
         sync(args.device)
         epoch_times.append(time.perf_counter() - t0)
+        if report is not None and len(epoch_times) == 1:
+            report.print()
+            engine.cold_start = report.summary()
     return engine, build, epoch_times
 
 
@@ -154,6 +234,12 @@ def main(argv=None):
                    help="convolutions through benchmarks/fold_conv_op.py (Triton kernels on CUDA; measured slower)")
     p.add_argument("--coordinate-descent", action="store_true",
                    help="with --compile: let inductor tune its kernels' block sizes (coordinate_descent_tuning)")
+    p.add_argument("--cold-start-report", action="store_true",
+                   help="print where the first epoch's time goes (eager steps, capture, compilation phases, Triton)")
+    p.add_argument("--eager-eval", action="store_true",
+                   help="with --compile: evaluate eagerly (no second compiled graph)")
+    p.add_argument("--lean-compile", action="store_true",
+                   help="with --compile: inductor benchmarks no alternative configs of its pointwise kernels")
     p.add_argument("--skip-naive", action="store_true")
     p.add_argument("--skip-batched", action="store_true",
                    help="naive loop only (models that cannot run under vmap, e.g. attnsleep_msmp)")
@@ -177,6 +263,10 @@ def main(argv=None):
         import torch._inductor.config as inductor_config
 
         inductor_config.coordinate_descent_tuning = True
+    if args.lean_compile:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.triton.autotune_pointwise = False
     config = get_recipe("attnsleep", batch_size=args.batch, amp=args.amp, progress=False)
     x, y, subject = synthetic_edf20(args.n_samples, args.n_times, args.n_subjects, args.device)
     train, test = paper_like_folds(subject, args.folds)
@@ -204,6 +294,8 @@ def main(argv=None):
                steps_per_epoch=engine.steps_per_epoch, projected_schedule_s=projected,
                peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None)
     out["phase_times"] = engine.phase_times
+    if getattr(engine, "cold_start", None):
+        out["cold_start"] = engine.cold_start
     last = engine.phase_times[-1]
     print("last epoch: " + ", ".join(f"{k} {v:.2f}" for k, v in last.items() if k != "epoch"))
     print(f"batched x{args.folds} ({args.amp}, compile={args.compile}, graphs={engine.use_graphs}, "
@@ -245,20 +337,26 @@ def run_full_schedule(args, x, y, subject, config):
     log = json.loads(log_path.read_text()) if log_path and log_path.exists() else {"processes": []}
     t0 = time.perf_counter()
     eng = make_engine(args.model, x, y, train_s, test_s, args, config_full)
+    sync(args.device)
+    t_built = time.perf_counter()
     if args.checkpoint and Path(args.checkpoint).exists():
         eng.load_state(args.checkpoint)
     first_epoch = eng.epoch + 1
+    report = ColdStartReport(eng) if args.cold_start_report else None
     epoch_s = []
     while eng.epoch < args.schedule_epochs and (not epoch_s or time.perf_counter() - t0 < args.time_limit):
         t_epoch = time.perf_counter()
         eng.run_epoch()
         sync(args.device)
         epoch_s.append(time.perf_counter() - t_epoch)
+        if report is not None and len(epoch_s) == 1:
+            report.print()
     if args.checkpoint:
         eng.save_state(args.checkpoint)
     sync(args.device)
     # the first epoch of every process compiles (and captures); later ones are steady
     log["processes"].append({"epochs": [first_epoch, eng.epoch], "wall_s": time.perf_counter() - t0,
+                             "build_s": t_built - t0,
                              "first_epoch_s": epoch_s[0] if epoch_s else None,
                              "steady_epoch_s": float(np.median(epoch_s[1:])) if len(epoch_s) > 1 else None})
     if log_path:

@@ -35,15 +35,20 @@ def _load(name):
     return module
 
 
-@pytest.mark.parametrize("cl_convs, fused, align", [(False, False, 8), (True, False, 8), (True, False, 1), (True, True, 8)],
-                         ids=["cudnn-grouped", "cl-convs", "cl-convs-unaligned", "cl-convs-fused"])
-def test_stacked_layout_matches_vmap_outputs_statistics_and_gradients(cl_convs, fused, align, monkeypatch):
+@pytest.mark.parametrize("cl_convs, fused, align, windows",
+                         [(False, False, 8, True), (True, False, 8, True), (True, False, 1, False), (True, True, 8, True),
+                          (True, True, 8, False)],
+                         ids=["cudnn-grouped", "cl-convs", "cl-convs-unaligned", "cl-convs-fused",
+                              "cl-convs-fused-strided-windows"])
+def test_stacked_layout_matches_vmap_outputs_statistics_and_gradients(cl_convs, fused, align, windows, monkeypatch):
     """With ``cl_convs`` the convolutions go through cl_conv_op (channels zero-padded to a multiple of
-    ``align``), with ``fused`` the MRCNN's batch norm and GELU through bn_act_op (their references on CPU;
+    ``align``; the first layers' windows from 16-byte chunks of the signal or, ``windows`` false, in
+    place), with ``fused`` the MRCNN's batch norm and GELU through bn_act_op (their references on CPU;
     without dropout here, so max-pool and dropout are not fused: see the max-pool dropout test)."""
     stacked = _load("stacked_layout")
     monkeypatch.setattr(stacked, "FUSED", fused)
     monkeypatch.setattr(stacked, "ALIGN_CHANNELS", align)
+    monkeypatch.setattr(stacked, "ALIGNED_WINDOWS", windows)
     calls = []
     monkeypatch.setattr(stacked, "bn_act_cl", lambda *a: calls.append(a[-1]) or _load("bn_act_op").bn_act_cl(*a))
     # float64: in float32 the two orders of summation can flip a max-pool's choice between two
@@ -115,6 +120,22 @@ def test_stacked_layout_script_trains_on_cpu(tmp_path, flags, says):
     assert json.loads(out.read_text())["batched_s_per_fold_epoch"] > 0
 
 
+def test_stacked_layout_warms_kernels_with_one_eager_step_and_evaluation(monkeypatch):
+    """--warm-kernels' child: the engine's step and evaluation through stacked_forward, at the given shapes."""
+    from sleeplib.train.fast import BatchedFolds
+
+    stacked = _load("stacked_layout")
+    monkeypatch.setattr(BatchedFolds, "_forward_all_eager", BatchedFolds._forward_all_eager)  # restored after
+    monkeypatch.setattr(stacked, "FUSED", True)
+    batches = []
+    forward = stacked.stacked_forward
+    monkeypatch.setattr(stacked, "stacked_forward", lambda m, p, b, x, **k: batches.append((m.training, x.shape[:2]))
+                        or forward(m, p, b, x, **k))
+    stacked.use_stacked_forward(cl_convs=True)
+    assert stacked.warm_kernels(2, 8, 3000, 16, device="cpu") > 0
+    assert batches == [(True, (2, 8)), (False, (2, 16)), (False, (2, 1))]  # training, evaluation chunks of 16
+
+
 @pytest.mark.parametrize("backend", [None, "aot_eager"])
 def test_stacked_layout_split_params_are_the_engine_views_with_the_same_gradient(backend):
     from types import SimpleNamespace
@@ -147,15 +168,20 @@ def test_stacked_layout_refuses_models_it_cannot_run():
 
 
 @pytest.mark.slow
-def test_train_speed_runs_on_cpu_and_reports_its_figures(tmp_path):
+def test_train_speed_runs_on_cpu_and_reports_its_figures(tmp_path, capsys):
     train_speed = _load("train_speed")
     out = tmp_path / "speed.json"
     train_speed.main(["--device", "cpu", "--n-samples", "120", "--batch", "16", "--folds", "2", "--epochs", "2",
-                      "--naive-steps", "1", "--json", str(out)])
+                      "--naive-steps", "1", "--cold-start-report", "--json", str(out)])
     figures = json.loads(out.read_text())
     assert figures["naive_s_per_fold_epoch"] > 0 and figures["batched_s_per_fold_epoch"] > 0
     assert figures["speedup"] == pytest.approx(figures["naive_s_per_fold_epoch"] / figures["batched_s_per_fold_epoch"])
     assert [set(t) for t in figures["phase_times"]] == [{"epoch", "full_steps_s", "last_batches_s", "evaluate_s"}] * 2
+    # the first epoch's phases: every full step eager (no CUDA graph on CPU), one evaluation
+    cold = figures["cold_start"]
+    assert cold["_step"]["calls"] == figures["steps_per_epoch"] and cold["evaluate"]["calls"] == 1
+    assert 0 < cold["_step"]["total_s"] < figures["batched_epoch_s"][0]
+    assert "first epoch, wall time by phase" in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -310,6 +336,18 @@ def test_cl_conv_windows_matches_strided_conv1d_with_gradients(case):
         op.conv1d_windows(signal, w, stride, l_out + 1)
 
 
+def test_cl_conv_row_alignment_is_what_every_row_start_is_a_multiple_of():
+    """The kernels' X_ALIGN hint (vector loads): wrong, they would read misaligned rows on a GPU."""
+    op = _load("cl_conv_op")
+    flat = torch.zeros(2, 3, 8 * 40)
+    windows = lambda t, step: t.as_strided((2, 3, 30, 16), (t.shape[1] * t.shape[2], t.shape[2], step, 1),  # noqa: E731
+                                           t.storage_offset())
+    assert op._row_alignment(windows(flat, 8)) == 8  # the aligned chunks of the first layers
+    assert op._row_alignment(windows(flat, 6)) == 2  # windows 6 samples apart (the small branch's stride)
+    assert op._row_alignment(windows(flat[..., 4:], 8)) == 4  # a view that starts mid-row
+    assert op._row_alignment(torch.zeros(4, 2, 10, 20, 32).select(2, 3).permute(1, 0, 2, 3)) == 8
+
+
 POOL_CASES = [(3, 37, 20, 8, 2, 4), (2, 31, 24, 4, 4, 2), (2, 16, 5, 2, 2, 1), (2, 30, 7, 3, 1, 1)]  # B, L, G, k, s, p
 
 
@@ -455,6 +493,25 @@ for R, N, act in BN_ACT_CASES:
     pairs = zip((got, *torch.autograd.grad((got * gy).sum(), (x, w, b))), (want, *torch.autograd.grad((want * gy).sum(), (x, w, b))))
     for a, e in pairs:
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
+
+# the kernels' exact GELU (erf by Abramowitz & Stegun) and its derivative, across the range, in float64
+import math, triton, triton.language as tl
+from bn_act_op import _activate, _activate_grad
+
+@triton.jit
+def gelu_probe(z_ptr, y_ptr, d_ptr, N: tl.constexpr):
+    i = tl.arange(0, N)
+    z = tl.load(z_ptr + i)
+    tl.store(y_ptr + i, _activate(z, 1))
+    tl.store(d_ptr + i, _activate_grad(z, 1))
+
+z = torch.linspace(-12, 12, 4096, dtype=torch.float64)
+y, d = torch.empty_like(z), torch.empty_like(z)
+gelu_probe[(1,)](z, y, d, N=4096)
+zg = z.clone().requires_grad_()
+exact = torch.nn.functional.gelu(zg)
+(exact_grad,) = torch.autograd.grad(exact.sum(), zg)
+assert (y - exact).abs().max() < 2e-6 and (d - exact_grad).abs().max() < 2e-6, ((y - exact).abs().max(), (d - exact_grad).abs().max())
 print("ok")
 """
     _run_interpreted(script)

@@ -175,24 +175,33 @@ def test_batched_folds_compiled_forward_matches_eager():
     """compile=True (the CUDA default of run_cv) trains and evaluates as the eager vmap path.
 
     Covers the compiled optimiser update and the compiled evaluation, whose last chunk (18 of
-    eval_batch_size 32) is padded to the compiled shape.
+    eval_batch_size 32) is padded to the compiled shape, and ``compile_eval=False`` (evaluation
+    eager, the last chunk not padded).
     """
     x, y = _data(200)
     train = [np.arange(0, 150), np.arange(50, 200)]
     evals = [np.arange(150, 200), np.arange(0, 50)]
     cfg = CFG.replace(epochs=2, eval_batch_size=32)
     runs, probs, val_loss = {}, {}, {}
-    for compiled in (False, True):
+    for variant, compiled, compile_eval in (("eager", False, True), ("compiled", True, True),
+                                            ("eager evaluation", True, False)):
         engine = BatchedFolds(lambda: TinyNet(dropout=0.0), x, y, train, evals, None, cfg, compile=compiled,
-                              time_phases=True)
+                              compile_eval=compile_eval, time_phases=True)
+        shapes = []
+        if compiled:
+            compiled_forward = engine._compiled_forward
+            engine._compiled_forward = lambda f, b, xb: shapes.append(tuple(xb.shape)) or compiled_forward(f, b, xb)
         outcomes = engine.fit()
-        runs[compiled] = engine.flat.detach().clone()
-        probs[compiled] = np.stack([o.val_probs for o in outcomes])
-        val_loss[compiled] = [o.history["val_loss"].to_numpy() for o in outcomes]
+        runs[variant] = engine.flat.detach().clone()
+        probs[variant] = np.stack([o.val_probs for o in outcomes])
+        val_loss[variant] = [o.history["val_loss"].to_numpy() for o in outcomes]
         assert [set(t) for t in engine.phase_times] == [{"epoch", "full_steps_s", "last_batches_s", "evaluate_s"}] * 2
-    torch.testing.assert_close(runs[True], runs[False], rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(probs[True], probs[False], rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(np.stack(val_loss[True]), np.stack(val_loss[False]), rtol=1e-4)
+        if compiled:  # training batches (K, B, 1, T) and, unless eager, evaluation chunks (K, 32, 1, T)
+            assert {s[1] for s in shapes} == ({cfg.batch_size, 32} if compile_eval else {cfg.batch_size})
+    for variant in ("compiled", "eager evaluation"):
+        torch.testing.assert_close(runs[variant], runs["eager"], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(probs[variant], probs["eager"], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(np.stack(val_loss[variant]), np.stack(val_loss["eager"]), rtol=1e-4)
 
 
 def test_batched_engine_falls_back_to_eager_for_models_vmap_cannot_run(tmp_path, monkeypatch):

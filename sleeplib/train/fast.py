@@ -90,6 +90,11 @@ class BatchedFolds:
     compile : bool
         ``torch.compile`` the training forward (with its backward), the optimiser update and the
         evaluation forward.
+    compile_eval : bool
+        With ``compile``, compile the evaluation forward too. False: evaluation runs eagerly, which
+        saves a second graph's compilation (18 s of a cold start on an H100 for AttnSleep with
+        ``benchmarks/stacked_layout.py``'s forward) and costs some 0.06 s more an epoch of 20 folds
+        (``benchmarks/RESULTS.md``, step 8).
     bn_fp32 : bool
         Under bf16 autocast, run BatchNorm in fp32 (needed by vmap's eager BatchNorm backward in
         torch 2.11; False is for benchmarks of the compiled path).
@@ -112,6 +117,7 @@ class BatchedFolds:
         last_batch: str = "exact",
         record_batches: bool = False,
         compile: bool = False,
+        compile_eval: bool = True,
         bn_fp32: bool = True,
         time_phases: bool = False,
     ):
@@ -236,6 +242,7 @@ class BatchedFolds:
         # fuse the forward (and its backward) and, separately, the optimiser update, which eagerly
         # is some 30 element-wise kernels over the (K, P) matrices every step
         self._compiled_forward = torch.compile(self._forward_all_eager, dynamic=False) if compile else None
+        self.compile_eval = compile_eval
         self._update = torch.compile(self._update_eager, dynamic=False) if compile else self._update_eager
 
     # ------------------------------------------------------------------ functional model
@@ -248,9 +255,11 @@ class BatchedFolds:
         return out
 
     def _forward_all(self, flat, buffers, xb):
-        # compiled for the two static shapes it meets: full training batches and evaluation chunks
+        # compiled for the two static shapes it meets: full training batches and (unless
+        # compile_eval is False) evaluation chunks
         if self._compiled_forward is not None and (
-                xb.shape[1] == (self.B if self.skeleton.training else self.config.eval_batch_size)):
+                xb.shape[1] == self.B if self.skeleton.training
+                else self.compile_eval and xb.shape[1] == self.config.eval_batch_size):
             return self._compiled_forward(flat, buffers, xb)
         return self._forward_all_eager(flat, buffers, xb)
 
@@ -436,7 +445,7 @@ class BatchedFolds:
         for start in range(0, m, chunk):
             idx = self.eval_table[:, start:start + chunk]
             n = idx.shape[1]
-            if n < chunk and self._compiled_forward is not None:
+            if n < chunk and self._compiled_forward is not None and self.compile_eval:
                 # pad the last chunk (with rows of its own) to keep the compiled graph's shape
                 idx = torch.cat([idx, idx[:, :1].expand(-1, chunk - n)], dim=1)
             with self._autocast():
