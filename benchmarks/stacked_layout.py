@@ -381,8 +381,8 @@ def _cl_unfold_conv(run, m: UnfoldConv1d, prefix, x):
 def _aligning_is_free(kernel: int, stride: int) -> bool:
     """Whether :func:`_aligned_windows`' longer rows take no more 64-wide blocks of the matrix product
     than the plain windows: so for the large branch (8 chunks of 56 for 400 samples), not for the small
-    one (9 chunks of 8 for 50: 128 against 64), whose layer measured slower aligned (step 8, H100: 204 us
-    forward and 184 us weight gradient; strided, step 7, H200: 141 and 87 us)."""
+    one (9 chunks of 8 for 50: 128 against 64), whose layer measured slower aligned (H100, step 8: 204 us
+    forward and 184 us weight gradient, against 141 and 95 us strided)."""
     span, width = -(-kernel // stride), -(-stride // 8) * 8
     return -(-span * width // 64) <= -(-kernel // 64)
 
@@ -392,9 +392,8 @@ def _aligned_windows(signal: torch.Tensor, w: torch.Tensor, pad: int, stride: in
     a multiple of 8 (16 bytes in bf16), and the weights ``w (K, kernel, O)`` spread to match (zero
     rows in the gaps): ``(chunks (K, B, n * width), weights (K, T * width, O), width)`` for
     :func:`~cl_conv_op.conv1d_windows`, whose windows then start every ``width`` samples, at aligned
-    addresses. At ``stride`` apart (6 and 50 samples) every load of a window was a scalar one: the
-    large branch's weight gradient took 232 us a step on an H200, the small branch's forward 141 us
-    (step 7)."""
+    addresses. At ``stride`` apart (50 samples) every load of a window was a scalar one: the large
+    branch's weight gradient took 232 us a step on an H200 (step 7), 62 us so on an H100 (step 8)."""
     K, B, L = signal.shape
     kernel = w.shape[1]
     span = -(-kernel // stride)  # chunks a window touches
@@ -670,5 +669,5 @@ if __name__ == "__main__":
           f"{'einsum' if EINSUM_1X1 else 'cl_conv_op'}, MRCNN batch norm + GELU by "
           f"{'bn_act_op' if cl and FUSED else 'inductor'}, first max-pool + dropout by "
           f"{'max_pool_cl' if cl and FUSED else 'max_pool_cl, inductor' if cl else 'inductor'}, channels padded to a multiple of {ALIGN_CHANNELS}, "
-          f"first layers' windows {'aligned' if ALIGNED_WINDOWS else 'strided'}")
+          f"first layers' windows {'aligned where free' if ALIGNED_WINDOWS else 'strided'}")
     train_speed.main([a for a in sys.argv[1:] if a not in (*_OWN_FLAGS, "--warm-kernels")])
