@@ -14,11 +14,12 @@ because it needs Triton and runs only AttnSleep's module types::
 (``--tce-cudnn``: the TCE's convolutions by cuDNN instead; ``--einsum-1x1``: the AFR's 1x1 ones as
 ``einsum``; both measured no faster. ``--unaligned``: channels not padded. ``--strided-windows``: the
 first layers' windows all read in place. ``--warm-kernels``: compile this configuration's Triton
-kernels in a child process while the engine compiles its graphs, step 8.) The whole schedule from a
-cold start, as measured in step 8::
+kernels in a child process while the engine compiles its graphs; ``--tce-contiguous``: the TCE's
+tensors in their own order; both step 8.) The whole schedule from a cold start, as measured last in
+step 8::
 
     python3 benchmarks/stacked_layout.py --device cuda --skip-naive --amp bf16 --compile --cl-convs --fused \
-        --full-only --lean-compile --eager-eval --warm-kernels --cold-start-report
+        --full-only --lean-compile --eager-eval --warm-kernels --tce-contiguous --cudnn-heuristics --cold-start-report
 
 It takes :mod:`benchmarks.train_speed`'s arguments and runs it with
 :meth:`~sleeplib.train.fast.BatchedFolds._forward_all_eager` replaced by :func:`stacked_forward`.
@@ -85,6 +86,9 @@ EINSUM_1X1 = False
 ALIGN_CHANNELS = 8
 """With cl_convs, convolutions' channels are zero-padded to a multiple of this (16 bytes in bf16);
 ``--unaligned``: 1, none."""
+TCE_CONTIGUOUS = False
+"""With cl_convs (``--tce-contiguous``): the TCE's ``(B, K, T, D)`` tensors copied to that order (its
+layer norms reduce along ``D``) instead of left as views of the AFR's ``(B, L, K, C)`` memory."""
 ALIGNED_WINDOWS = True
 """With cl_convs, the first layers' windows read from the signal cut into 16-byte aligned chunks
 (:func:`_aligned_windows`) where that costs no extra work (:func:`_aligning_is_free`: the large
@@ -130,7 +134,8 @@ def _conv(run: _Run, m: nn.Conv1d, prefix: str, x: torch.Tensor, left_pad: int =
         raise NotImplementedError(f"stacked conv1d supports groups=1, zero integer padding; got {m}")
     if run.cl_convs and CL_OUTSIDE and m.stride[0] == 1:
         # the TCE's (B, K, tokens, d_model) tensors: tokens are the channels; transposes are small here
-        return _cl_conv(run, m, prefix, x.permute(0, 3, 1, 2), left_pad).permute(0, 2, 3, 1)
+        y = _cl_conv(run, m, prefix, x.permute(0, 3, 1, 2), left_pad).permute(0, 2, 3, 1)
+        return y.contiguous() if TCE_CONTIGUOUS else y
     B, K, C, L = x.shape
     w = run.p(prefix, "weight")  # (K, C_out, C, k)
     b = run.p(prefix, "bias")
@@ -304,6 +309,8 @@ def _attnsleep(run, m: AttnSleep, prefix, x):
         finally:
             run.cl_mode = False
         features = features.permute(0, 2, 3, 1)  # (B, L, K, C) -> (B, K, C, L): the TCE's tokens are the channels
+        if TCE_CONTIGUOUS:
+            features = features.contiguous()
     else:
         features = run(m.afr, _child(prefix, "afr"), run(m.feature_extractor, _child(prefix, "feature_extractor"), x))
     return run(m.head, _child(prefix, "head"), run(m.tce, _child(prefix, "tce"), features))
@@ -603,7 +610,8 @@ def use_stacked_forward(cl_convs: bool = False) -> None:
     BatchedFolds._forward_all_eager = forward
 
 
-_OWN_FLAGS = ("--cl-convs", "--tce-cudnn", "--einsum-1x1", "--fused", "--unaligned", "--strided-windows")
+_OWN_FLAGS = ("--cl-convs", "--tce-cudnn", "--einsum-1x1", "--fused", "--unaligned", "--strided-windows",
+              "--tce-contiguous")
 
 
 def warm_kernels(folds: int, batch: int, n_times: int, eval_batch: int, device: str = "cuda") -> float:
@@ -657,6 +665,7 @@ if __name__ == "__main__":
     FUSED = "--fused" in sys.argv
     ALIGN_CHANNELS = 1 if "--unaligned" in sys.argv else ALIGN_CHANNELS
     ALIGNED_WINDOWS = "--strided-windows" not in sys.argv
+    TCE_CONTIGUOUS = "--tce-contiguous" in sys.argv
     use_stacked_forward(cl_convs=cl)
     if "--warm-kernels-child" in sys.argv:
         folds, batch, n_times = (int(v) for v in sys.argv[sys.argv.index("--warm-kernels-child") + 1:][:3])
@@ -669,5 +678,6 @@ if __name__ == "__main__":
           f"{'einsum' if EINSUM_1X1 else 'cl_conv_op'}, MRCNN batch norm + GELU by "
           f"{'bn_act_op' if cl and FUSED else 'inductor'}, first max-pool + dropout by "
           f"{'max_pool_cl' if cl and FUSED else 'max_pool_cl, inductor' if cl else 'inductor'}, channels padded to a multiple of {ALIGN_CHANNELS}, "
-          f"first layers' windows {'aligned where free' if ALIGNED_WINDOWS else 'strided'}")
+          f"first layers' windows {'aligned where free' if ALIGNED_WINDOWS else 'strided'}, TCE tensors "
+          f"{'contiguous' if TCE_CONTIGUOUS else 'views of the AFR output'}")
     train_speed.main([a for a in sys.argv[1:] if a not in (*_OWN_FLAGS, "--warm-kernels")])

@@ -238,6 +238,8 @@ def main(argv=None):
                    help="print where the first epoch's time goes (eager steps, capture, compilation phases, Triton)")
     p.add_argument("--eager-eval", action="store_true",
                    help="with --compile: evaluate eagerly (no second compiled graph)")
+    p.add_argument("--cudnn-heuristics", action="store_true",
+                   help="cuDNN picks its algorithms by heuristics (no benchmarking of each new shape)")
     p.add_argument("--lean-compile", action="store_true",
                    help="with --compile: inductor benchmarks no alternative configs of its pointwise kernels")
     p.add_argument("--skip-naive", action="store_true")
@@ -255,7 +257,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     args.graphs = None if args.graphs is None else bool(args.graphs)
     if args.device.startswith("cuda"):
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = not args.cudnn_heuristics
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 

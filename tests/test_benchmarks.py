@@ -35,20 +35,23 @@ def _load(name):
     return module
 
 
-@pytest.mark.parametrize("cl_convs, fused, align, windows",
-                         [(False, False, 8, True), (True, False, 8, True), (True, False, 1, False), (True, True, 8, True),
-                          (True, True, 8, False)],
+@pytest.mark.parametrize("cl_convs, fused, align, windows, tce_contiguous",
+                         [(False, False, 8, True, False), (True, False, 8, True, False), (True, False, 1, False, False),
+                          (True, True, 8, True, False), (True, True, 8, False, False), (True, True, 8, True, True)],
                          ids=["cudnn-grouped", "cl-convs", "cl-convs-unaligned", "cl-convs-fused",
-                              "cl-convs-fused-strided-windows"])
-def test_stacked_layout_matches_vmap_outputs_statistics_and_gradients(cl_convs, fused, align, windows, monkeypatch):
+                              "cl-convs-fused-strided-windows", "cl-convs-fused-tce-contiguous"])
+def test_stacked_layout_matches_vmap_outputs_statistics_and_gradients(cl_convs, fused, align, windows, tce_contiguous,
+                                                                       monkeypatch):
     """With ``cl_convs`` the convolutions go through cl_conv_op (channels zero-padded to a multiple of
     ``align``; the first layers' windows from 16-byte chunks of the signal or, ``windows`` false, in
-    place), with ``fused`` the MRCNN's batch norm and GELU through bn_act_op (their references on CPU;
-    without dropout here, so max-pool and dropout are not fused: see the max-pool dropout test)."""
+    place; the TCE's tensors copied to their own order with ``tce_contiguous``), with ``fused`` the
+    MRCNN's batch norm and GELU through bn_act_op (their references on CPU; without dropout here, so
+    max-pool and dropout are not fused: see the max-pool dropout test)."""
     stacked = _load("stacked_layout")
     monkeypatch.setattr(stacked, "FUSED", fused)
     monkeypatch.setattr(stacked, "ALIGN_CHANNELS", align)
     monkeypatch.setattr(stacked, "ALIGNED_WINDOWS", windows)
+    monkeypatch.setattr(stacked, "TCE_CONTIGUOUS", tce_contiguous)
     calls = []
     monkeypatch.setattr(stacked, "bn_act_cl", lambda *a: calls.append(a[-1]) or _load("bn_act_op").bn_act_cl(*a))
     # float64: in float32 the two orders of summation can flip a max-pool's choice between two
