@@ -650,7 +650,8 @@ def _start_warming(argv: list[str]) -> None:
     def value(flag, default):
         return argv[argv.index(flag) + 1] if flag in argv else default
 
-    shapes = [value("--folds", "20"), value("--batch", "128"), value("--n-times", "3000")]
+    folds = value("--schedule-folds", "20") if "--full-only" in argv else value("--folds", "20")
+    shapes = [folds, value("--batch", "128"), value("--n-times", "3000")]
     own = [a for a in argv if a in _OWN_FLAGS]
     subprocess.Popen([sys.executable, __file__, "--warm-kernels-child", *shapes, *own])
 

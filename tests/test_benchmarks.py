@@ -139,6 +139,19 @@ def test_stacked_layout_warms_kernels_with_one_eager_step_and_evaluation(monkeyp
     assert batches == [(True, (2, 8)), (False, (2, 16)), (False, (2, 1))]  # training, evaluation chunks of 16
 
 
+def test_stacked_layout_warm_kernels_child_gets_the_run_shapes_and_layout_flags(monkeypatch):
+    import subprocess
+
+    stacked = _load("stacked_layout")
+    started = []
+    monkeypatch.setattr(subprocess, "Popen", lambda cmd: started.append(cmd))
+    stacked._start_warming(["--device", "cuda", "--folds", "4", "--batch", "64", "--compile", "--cl-convs", "--fused",
+                            "--tce-contiguous", "--lean-compile"])
+    stacked._start_warming(["--full-only", "--schedule-folds", "10", "--folds", "3", "--cl-convs"])
+    assert started[0][2:] == ["--warm-kernels-child", "4", "64", "3000", "--cl-convs", "--fused", "--tce-contiguous"]
+    assert started[1][2:] == ["--warm-kernels-child", "10", "128", "3000", "--cl-convs"]  # the schedule's folds
+
+
 @pytest.mark.parametrize("backend", [None, "aot_eager"])
 def test_stacked_layout_split_params_are_the_engine_views_with_the_same_gradient(backend):
     from types import SimpleNamespace
