@@ -127,10 +127,13 @@ class ColdStartReport:
     kernels compiled in this process (the benchmarks' own; inductor compiles its kernels in worker
     processes) and ``torch._dynamo``'s table of compile phases (inductor's autotuning included)."""
 
+    _TIMED = ("_step", "_capture", "_last_batch", "evaluate")
+
     def __init__(self, engine):
+        self.engine = engine
         self.calls: dict[str, list[float]] = {}
         self.triton: list[tuple[str, float, bool]] = []
-        for name in ("_step", "_capture", "_last_batch", "evaluate"):
+        for name in self._TIMED:
             setattr(engine, name, self._timed(name, getattr(engine, name)))
         try:
             from triton import knobs
@@ -139,15 +142,28 @@ class ColdStartReport:
         except (ImportError, AttributeError):  # no Triton, or one without compilation listeners
             pass
 
+    def close(self) -> None:
+        """Stop timing (each timed call synchronises the device): the engine's own methods again."""
+        for name in self._TIMED:
+            self.engine.__dict__.pop(name, None)
+        try:
+            from triton import knobs
+
+            knobs.compilation.listener = None
+        except (ImportError, AttributeError):
+            pass
+
     def _timed(self, name, fn):
+        device = self.engine.device.type
+
         def wrapper(*a, **k):
-            capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+            capturing = device == "cuda" and torch.cuda.is_current_stream_capturing()
             if not capturing:
-                sync("cuda" if torch.cuda.is_available() else "cpu")
+                sync(device)
             t0 = time.perf_counter()
             out = fn(*a, **k)
             if not capturing:
-                sync("cuda" if torch.cuda.is_available() else "cpu")
+                sync(device)
             self.calls.setdefault(name, []).append(time.perf_counter() - t0)
             return out
         return wrapper
@@ -211,6 +227,7 @@ def batched(model_name, x, y, train, test, args, config, epochs):
         if report is not None and len(epoch_times) == 1:
             report.print()
             engine.cold_start = report.summary()
+            report.close()
     return engine, build, epoch_times
 
 
@@ -353,6 +370,7 @@ def run_full_schedule(args, x, y, subject, config):
         epoch_s.append(time.perf_counter() - t_epoch)
         if report is not None and len(epoch_s) == 1:
             report.print()
+            report.close()
     if args.checkpoint:
         eng.save_state(args.checkpoint)
     sync(args.device)

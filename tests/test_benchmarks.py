@@ -200,6 +200,31 @@ def test_train_speed_runs_on_cpu_and_reports_its_figures(tmp_path, capsys):
     assert "first epoch, wall time by phase" in capsys.readouterr().out
 
 
+def test_cold_start_report_times_calls_then_gives_the_engine_its_methods_back():
+    from types import SimpleNamespace
+
+    train_speed = _load("train_speed")
+
+    class Engine:
+        device = torch.device("cpu")
+
+        def _step(self): return "stepped"  # noqa: E704
+        def _capture(self): pass  # noqa: E704
+        def _last_batch(self, k, start): return k + start  # noqa: E704
+        def evaluate(self): return SimpleNamespace()  # noqa: E704
+
+    engine = Engine()
+    report = train_speed.ColdStartReport(engine)
+    assert engine._step() == "stepped" and engine._last_batch(2, 3) == 5
+    engine._step()
+    summary = report.summary()
+    assert summary["_step"]["calls"] == 2 and summary["_last_batch"]["calls"] == 1 and "evaluate" not in summary
+    report.close()
+    assert "_step" not in vars(engine) and engine._step.__func__ is Engine._step
+    engine._step()
+    assert report.summary()["_step"]["calls"] == 2  # no longer timed
+
+
 @pytest.mark.slow
 def test_train_speed_full_schedule_resumes_across_processes(tmp_path):
     train_speed = _load("train_speed")
