@@ -670,7 +670,10 @@ if __name__ == "__main__":
     use_stacked_forward(cl_convs=cl)
     if "--warm-kernels-child" in sys.argv:
         folds, batch, n_times = (int(v) for v in sys.argv[sys.argv.index("--warm-kernels-child") + 1:][:3])
-        print(f"warm_kernels: {warm_kernels(folds, batch, n_times, 512):.1f} s")
+        from sleeplib.train.config import get_recipe
+
+        eval_batch = get_recipe("attnsleep").eval_batch_size  # what train_speed's engine evaluates in
+        print(f"warm_kernels: {warm_kernels(folds, batch, n_times, eval_batch):.1f} s")
         sys.exit(0)
     if "--warm-kernels" in sys.argv and torch.cuda.is_available():  # Triton kernels: CUDA only
         _start_warming(sys.argv[1:])
