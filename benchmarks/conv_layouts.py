@@ -160,7 +160,7 @@ def dump_slow_inductor_kernels(prof, steps, min_us=150.0):
     print(f"sources of slow inductor kernels in {folder}; not found: {sorted(slow) or 'none'}")
 
 
-def profile_engine(dev, folds, amp=False, compile=False, rows=25, fold_convs=False):
+def profile_engine(dev, folds, amp=False, compile=False, rows=25, fold_convs=False, dump_min_us=150.0):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from train_speed import synthetic_edf20
     from sleeplib.models import build_model
@@ -200,7 +200,7 @@ def profile_engine(dev, folds, amp=False, compile=False, rows=25, fold_convs=Fal
         torch.cuda.synchronize()
     print(f"GPU time by kind of kernel (fold_convs={fold_convs}):\n" + kernel_summary(prof, steps))
     print(step_timeline(prof, steps))
-    dump_slow_inductor_kernels(prof, steps)
+    dump_slow_inductor_kernels(prof, steps, dump_min_us)
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=90)
 
 
@@ -247,6 +247,12 @@ def main():
     ap.add_argument("--fused", action="store_true",
                     help="with --stacked --cl-convs: the MRCNN's batch norm + GELU by benchmarks/bn_act_op.py, "
                          "max-pool + dropout by cl_conv_op.max_pool_cl")
+    ap.add_argument("--tce-contiguous", action="store_true",
+                    help="with --stacked --cl-convs: the TCE's tensors copied to (B, K, T, D) order (stacked_layout's flag)")
+    ap.add_argument("--attention-kernel", action="store_true",
+                    help="with --stacked --cl-convs: the TCE's attention by benchmarks/attention_op.py")
+    ap.add_argument("--dump-min-us", type=float, default=150.0,
+                    help="copy the source of inductor kernels of at least this many microseconds a call to $OUT")
     args = ap.parse_args()
     if args.stacked:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -254,6 +260,8 @@ def main():
         from stacked_layout import use_stacked_forward
 
         stacked_layout.FUSED = args.fused
+        stacked_layout.TCE_CONTIGUOUS = args.tce_contiguous
+        stacked_layout.ATTENTION_KERNEL = args.attention_kernel
 
         use_stacked_forward(cl_convs=args.cl_convs)
     dev = torch.device("cuda")
@@ -263,7 +271,8 @@ def main():
     results = {}
     if args.engine_profile_only and args.compile:
         print(f"batched engine, {args.folds} folds, bf16, torch.compile")
-        print(profile_engine(dev, args.folds, True, compile=True, rows=60, fold_convs=args.fold_convs))
+        print(profile_engine(dev, args.folds, True, compile=True, rows=60, fold_convs=args.fold_convs,
+                             dump_min_us=args.dump_min_us))
         return
     if args.engine_profile_only:
         for amp in (False, True):
