@@ -15,11 +15,12 @@ because it needs Triton and runs only AttnSleep's module types::
 ``einsum``; both measured no faster. ``--unaligned``: channels not padded. ``--strided-windows``: the
 first layers' windows all read in place. ``--warm-kernels``: compile this configuration's Triton
 kernels in a child process while the engine compiles its graphs; ``--tce-contiguous``: the TCE's
-tensors in their own order; both step 8.) The whole schedule from a cold start, as measured last in
-step 8::
+tensors in their own order; both step 8. ``--attention-kernel``: the TCE's attention by
+``attention_op.py``, step 9.) The whole schedule from a cold start, as measured last in step 9::
 
     python3 benchmarks/stacked_layout.py --device cuda --skip-naive --amp bf16 --compile --cl-convs --fused \
-        --full-only --lean-compile --eager-eval --warm-kernels --tce-contiguous --cudnn-heuristics --cold-start-report
+        --full-only --lean-compile --eager-eval --warm-kernels --tce-contiguous --cudnn-heuristics \
+        --attention-kernel --cold-start-report
 
 It takes :mod:`benchmarks.train_speed`'s arguments and runs it with
 :meth:`~sleeplib.train.fast.BatchedFolds._forward_all_eager` replaced by :func:`stacked_forward`.
@@ -58,8 +59,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from attention_op import attention_cl, attention_reference  # noqa: E402
 from bn_act_op import bn_act_cl  # noqa: E402
-from cl_conv_op import conv1d_cl, conv1d_windows, max_pool_cl  # noqa: E402
+from cl_conv_op import conv1d_cl, conv1d_windows, kernels_usable, max_pool_cl  # noqa: E402
 
 from sleeplib.models.attnsleep import AttnSleep  # noqa: E402
 from sleeplib.models.blocks import (  # noqa: E402
@@ -97,6 +99,10 @@ FUSED = False
 """With cl_convs, in training (``--fused``): each ``BatchNorm1d -> GELU`` pair of a ``Sequential`` (the
 MRCNN's) by ``bn_act_op.bn_act_cl``, each ``MaxPool1d -> Dropout`` pair by ``max_pool_cl`` with its
 dropout, instead of inductor's kernels."""
+ATTENTION_KERNEL = False
+"""With cl_convs (``--attention-kernel``): the TCE's multi-head attention (scores, softmax, dropout,
+weighted values, for every head) by ``attention_op.attention_cl``, one Triton kernel forward and one
+backward, reading and writing the ``(B*K, T, D)`` tensors without splitting heads."""
 
 
 class _Run:
@@ -262,6 +268,17 @@ def _attention(run, m: CausalConvMultiHeadAttention, prefix, query, key_value_in
     def split_heads(t):
         return t.reshape(B * K, T, m.n_heads, m.d_head).transpose(1, 2)
 
+    if run.cl_convs and ATTENTION_KERNEL:
+        k, v = (run(conv, _child(prefix, name), key_value_input).reshape(B * K, T, D)
+                for name, conv in (("key_conv", m.key_conv), ("value_conv", m.value_conv)))
+        drop = m.attn_dropout.p if run.training else 0.0
+        q = query.reshape(B * K, T, D)
+        if kernels_usable(q):
+            seed = torch.randint(0, 2**31 - 1, (1,), device=q.device) if drop else None
+            heads, _ = attention_cl(q, k, v, m.n_heads, drop, seed)
+        else:
+            heads = attention_reference(q, k, v, m.n_heads, drop, run.training)
+        return run(m.out_proj, _child(prefix, "out_proj"), heads.view(B, K, T, D))
     q = split_heads(query)
     k = split_heads(run(m.key_conv, _child(prefix, "key_conv"), key_value_input))
     v = split_heads(run(m.value_conv, _child(prefix, "value_conv"), key_value_input))
@@ -611,7 +628,7 @@ def use_stacked_forward(cl_convs: bool = False) -> None:
 
 
 _OWN_FLAGS = ("--cl-convs", "--tce-cudnn", "--einsum-1x1", "--fused", "--unaligned", "--strided-windows",
-              "--tce-contiguous")
+              "--tce-contiguous", "--attention-kernel")
 
 
 def warm_kernels(folds: int, batch: int, n_times: int, eval_batch: int, device: str = "cuda") -> float:
@@ -667,6 +684,7 @@ if __name__ == "__main__":
     ALIGN_CHANNELS = 1 if "--unaligned" in sys.argv else ALIGN_CHANNELS
     ALIGNED_WINDOWS = "--strided-windows" not in sys.argv
     TCE_CONTIGUOUS = "--tce-contiguous" in sys.argv
+    ATTENTION_KERNEL = "--attention-kernel" in sys.argv
     use_stacked_forward(cl_convs=cl)
     if "--warm-kernels-child" in sys.argv:
         folds, batch, n_times = (int(v) for v in sys.argv[sys.argv.index("--warm-kernels-child") + 1:][:3])
@@ -683,5 +701,6 @@ if __name__ == "__main__":
           f"{'bn_act_op' if cl and FUSED else 'inductor'}, first max-pool + dropout by "
           f"{'max_pool_cl' if cl and FUSED else 'max_pool_cl, inductor' if cl else 'inductor'}, channels padded to a multiple of {ALIGN_CHANNELS}, "
           f"first layers' windows {'aligned where free' if ALIGNED_WINDOWS else 'strided'}, TCE tensors "
-          f"{'contiguous' if TCE_CONTIGUOUS else 'views of the AFR output'}")
+          f"{'contiguous' if TCE_CONTIGUOUS else 'views of the AFR output'}, attention by "
+          f"{'attention_op' if cl and ATTENTION_KERNEL else 'inductor'}")
     train_speed.main([a for a in sys.argv[1:] if a not in (*_OWN_FLAGS, "--warm-kernels")])

@@ -35,23 +35,31 @@ def _load(name):
     return module
 
 
-@pytest.mark.parametrize("cl_convs, fused, align, windows, tce_contiguous",
-                         [(False, False, 8, True, False), (True, False, 8, True, False), (True, False, 1, False, False),
-                          (True, True, 8, True, False), (True, True, 8, False, False), (True, True, 8, True, True)],
+@pytest.mark.parametrize("cl_convs, fused, align, windows, tce_contiguous, attention",
+                         [(False, False, 8, True, False, False), (True, False, 8, True, False, False),
+                          (True, False, 1, False, False, False), (True, True, 8, True, False, False),
+                          (True, True, 8, False, False, False), (True, True, 8, True, True, False),
+                          (True, True, 8, True, True, True)],
                          ids=["cudnn-grouped", "cl-convs", "cl-convs-unaligned", "cl-convs-fused",
-                              "cl-convs-fused-strided-windows", "cl-convs-fused-tce-contiguous"])
+                              "cl-convs-fused-strided-windows", "cl-convs-fused-tce-contiguous",
+                              "cl-convs-fused-tce-contiguous-attention-op"])
 def test_stacked_layout_matches_vmap_outputs_statistics_and_gradients(cl_convs, fused, align, windows, tce_contiguous,
-                                                                       monkeypatch):
+                                                                       attention, monkeypatch):
     """With ``cl_convs`` the convolutions go through cl_conv_op (channels zero-padded to a multiple of
     ``align``; the first layers' windows from 16-byte chunks of the signal or, ``windows`` false, in
     place; the TCE's tensors copied to their own order with ``tce_contiguous``), with ``fused`` the
     MRCNN's batch norm and GELU through bn_act_op (their references on CPU; without dropout here, so
-    max-pool and dropout are not fused: see the max-pool dropout test)."""
+    max-pool and dropout are not fused: see the max-pool dropout test), with ``attention`` the TCE's
+    attention through attention_op (its reference on CPU)."""
     stacked = _load("stacked_layout")
     monkeypatch.setattr(stacked, "FUSED", fused)
     monkeypatch.setattr(stacked, "ALIGN_CHANNELS", align)
     monkeypatch.setattr(stacked, "ALIGNED_WINDOWS", windows)
     monkeypatch.setattr(stacked, "TCE_CONTIGUOUS", tce_contiguous)
+    monkeypatch.setattr(stacked, "ATTENTION_KERNEL", attention)
+    attended = []
+    monkeypatch.setattr(stacked, "attention_reference",
+                        lambda *a: attended.append(a[3]) or _load("attention_op").attention_reference(*a))
     calls = []
     monkeypatch.setattr(stacked, "bn_act_cl", lambda *a: calls.append(a[-1]) or _load("bn_act_op").bn_act_cl(*a))
     # float64: in float32 the two orders of summation can flip a max-pool's choice between two
@@ -87,6 +95,7 @@ def test_stacked_layout_matches_vmap_outputs_statistics_and_gradients(cl_convs, 
                 if p.grad is not None:  # biases right before a batch norm get only rounding noise
                     torch.testing.assert_close(p_stacked[name].grad, p.grad, rtol=1e-7, atol=1e-9 * float(scale))
     assert calls == ["gelu"] * 6 * fused  # the MRCNN's six BatchNorm -> GELU pairs, in training only
+    assert attended == [5] * 4 * attention  # two TCE layers, training and evaluation
 
 
 def test_stacked_layout_fuses_max_pool_and_dropout_in_training(monkeypatch):
@@ -110,7 +119,8 @@ def test_stacked_layout_fuses_max_pool_and_dropout_in_training(monkeypatch):
                                           (["--cl-convs", "--tce-cudnn", "--einsum-1x1"],
                                            "TCE convolutions by cuDNN, 1x1 convolutions by einsum"),
                                           (["--cl-convs", "--fused"], "MRCNN batch norm + GELU by bn_act_op, first "
-                                           "max-pool + dropout by max_pool_cl, channels padded to a multiple of 8")])
+                                           "max-pool + dropout by max_pool_cl, channels padded to a multiple of 8"),
+                                          (["--cl-convs", "--attention-kernel"], "attention by attention_op")])
 def test_stacked_layout_script_trains_on_cpu(tmp_path, flags, says):
     import subprocess
 
@@ -553,6 +563,63 @@ zg = z.clone().requires_grad_()
 exact = torch.nn.functional.gelu(zg)
 (exact_grad,) = torch.autograd.grad(exact.sum(), zg)
 assert (y - exact).abs().max() < 2e-6 and (d - exact_grad).abs().max() < 2e-6, ((y - exact).abs().max(), (d - exact_grad).abs().max())
+print("ok")
+"""
+    _run_interpreted(script)
+
+
+def _check_attention_kernels(op, N, T, heads, d, drop):
+    """attention_cl against attention_reference with the kernels' own dropout mask, values and
+    gradients. The mask is read off a first call whose values are the identity (needs T <= d):
+    its output is then the dropped-out probabilities themselves."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(N, T, heads * d) for _ in range(3))
+    seed = torch.tensor([77])
+    eye = torch.eye(T, d).repeat(1, heads).expand(N, T, heads * d)
+    probs, _ = op.attention_cl(q, k, eye, heads, drop, seed)
+    keep = (probs.reshape(N, T, heads, d)[..., :T] != 0).transpose(1, 2)  # (N, heads, T, T)
+    if drop:
+        assert abs(float(keep.double().mean()) - (1 - drop)) < 0.1
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    got, _ = op.attention_cl(q, k, v, heads, drop, seed)
+    want = op.attention_reference(q, k, v, heads, drop, keep=keep)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    gy = torch.randn_like(got)
+    for a, b in zip(torch.autograd.grad((got * gy).sum(), (q, k, v)), torch.autograd.grad((want * gy).sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert torch.equal(op.attention_cl(q, k, v, heads, drop, seed)[0], got)  # the seed repeats the mask
+
+
+def test_attention_op_reference_is_the_modules_attention():
+    """attention_reference (the CPU path and the kernels' yardstick) is the TCE module's own attention
+    when given the same projections; and the op says what it needs."""
+    from sleeplib.models.blocks import CausalConvMultiHeadAttention
+
+    op = _load("attention_op")
+    torch.manual_seed(0)
+    module = CausalConvMultiHeadAttention(5, 80, 30, dropout=0.0).eval()
+    x = torch.randn(4, 30, 80)
+    with torch.no_grad():
+        q, k, v = x, module.key_conv(x), module.value_conv(x)
+        heads = op.attention_reference(q, k, v, 5, 0.0)
+        torch.testing.assert_close(module.out_proj(heads), module(x, x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="one shape"):
+        op.attention_cl(q, k[:, :3], v, 5, 0.0)
+    with pytest.raises(ValueError, match="one-element seed"):
+        op.attention_cl(q, k, v, 5, 0.1)
+
+
+def test_attention_kernels_in_the_triton_interpreter():
+    pytest.importorskip("triton")
+    script = f"""
+import sys, torch
+sys.path.insert(0, {str(BENCHMARKS)!r}); sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+import attention_op as op
+from test_benchmarks import _check_attention_kernels
+assert op.kernels_usable(torch.zeros(1))
+_check_attention_kernels(op, 3, 12, 2, 16, 0.0)
+_check_attention_kernels(op, 3, 12, 2, 16, 0.3)
+_check_attention_kernels(op, 2, 5, 3, 8, 0.2)  # rows and head widths below a tile's 16
 print("ok")
 """
     _run_interpreted(script)
