@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cl_conv_op import check_dropout
 from fold_conv_op import kernels_usable  # CUDA, or Triton's interpreter
 
 __all__ = ["attention_cl", "attention_reference"]
@@ -114,9 +115,13 @@ if triton is not None:
         tl.store(dv_ptr + at, dv.to(dv_ptr.dtype.element_ty), mask=ok)
 
 
+def _tile(n: int) -> int:
+    # a power of two of at least 16: tl.dot needs every dimension of at least 16
+    return max(16, 1 << (n - 1).bit_length())
+
+
 def _blocks(T: int, d: int) -> tuple[int, int]:
-    # tl.dot needs every dimension of at least 16
-    return max(16, triton.next_power_of_2(T)), max(16, triton.next_power_of_2(d))
+    return _tile(T), _tile(d)
 
 
 def _seed(seed: Tensor | None, like: Tensor) -> Tensor:
@@ -128,9 +133,7 @@ def _check(q: Tensor, k: Tensor, v: Tensor, heads: int, drop: float, seed: Tenso
     if q.ndim != 3 or k.shape != q.shape or v.shape != q.shape or q.shape[2] % heads:
         raise ValueError(f"attention_cl needs q, k, v of one shape (N, T, heads * d); got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)} with {heads} heads")
-    if not 0.0 <= drop < 1.0 or (drop > 0 and (seed is None or seed.numel() != 1)):
-        raise ValueError(f"attention_cl's dropout needs 0 <= drop < 1 and, when drop > 0, a one-element seed "
-                         f"tensor; got drop={drop}, seed={None if seed is None else tuple(seed.shape)}")
+    check_dropout("attention_cl", drop, seed)
 
 
 @torch.library.custom_op("sleeplib_bench::attention_cl", mutates_args=())
@@ -138,11 +141,12 @@ def attention_cl(q: Tensor, k: Tensor, v: Tensor, heads: int, drop: float,
                  seed: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Multi-head attention of ``q, k, v (N, T, heads * d)`` with dropout ``drop`` on the
     probabilities (module doc); returns the output ``(N, T, heads * d)`` and each row's log-sum-exp
-    (for the backward)."""
+    ``(N, heads, T padded)`` for the backward (zeros on the reference path, which has no backward of
+    its own: differentiate :func:`attention_reference` there)."""
     _check(q, k, v, heads, drop, seed)
     N, T, D = q.shape
     if not kernels_usable(q):
-        return attention_reference(q, k, v, heads, drop), q.new_empty(0, dtype=torch.float32)
+        return attention_reference(q, k, v, heads, drop), q.new_zeros(N, heads, _tile(T), dtype=torch.float32)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     TB, DB = _blocks(T, D // heads)
     o = torch.empty_like(q)
@@ -155,7 +159,7 @@ def attention_cl(q: Tensor, k: Tensor, v: Tensor, heads: int, drop: float,
 @attention_cl.register_fake
 def _(q, k, v, heads, drop, seed=None):
     N, T, D = q.shape
-    return torch.empty_like(q), q.new_empty(N, heads, max(16, 1 << (T - 1).bit_length()), dtype=torch.float32)
+    return torch.empty_like(q), q.new_empty(N, heads, _tile(T), dtype=torch.float32)
 
 
 @torch.library.custom_op("sleeplib_bench::attention_cl_backward", mutates_args=())

@@ -135,6 +135,15 @@ if triton is not None:
         return tl.where(ok, g, 0.0), xhat
 
     @triton.jit
+    def _split(R, N, per_split, BR: tl.constexpr, BN: tl.constexpr):
+        # a reducing pass's program: its row split, its column block and two zeroed accumulators
+        split = tl.program_id(0)
+        cols = tl.program_id(1) * BN + tl.arange(0, BN)
+        r_start = split * per_split
+        return (split, cols, cols < N, r_start, tl.minimum(r_start + per_split, R),
+                tl.zeros((BR, BN), dtype=tl.float32), tl.zeros((BR, BN), dtype=tl.float32))
+
+    @triton.jit
     def _store_partials(part_ptr, split, N, cols, c_ok, acc1, acc2):
         # part[split, 0 | 1, n]: the two column sums of this split's rows
         base = part_ptr + split * 2 * N + cols
@@ -154,14 +163,9 @@ if triton is not None:
     @triton.jit
     def stats(x_ptr, shift_ptr, part_ptr, R, N, per_split, BR: tl.constexpr, BN: tl.constexpr):
         # part[split, 0 | 1, n] = sum over the split's rows of (x - shift), (x - shift)^2
-        split = tl.program_id(0)
-        cols = tl.program_id(1) * BN + tl.arange(0, BN)
-        c_ok = cols < N
+        split, cols, c_ok, r_start, r_end, acc1, acc2 = _split(R, N, per_split, BR, BN)
         s = tl.load(shift_ptr + cols, mask=c_ok, other=0.0).to(tl.float32)
-        r_end = tl.minimum(split * per_split + per_split, R)
-        acc1 = tl.zeros((BR, BN), dtype=tl.float32)
-        acc2 = tl.zeros((BR, BN), dtype=tl.float32)
-        for r0 in range(split * per_split, r_end, BR):
+        for r0 in range(r_start, r_end, BR):
             rows = r0 + tl.arange(0, BR)
             ok = (rows < r_end)[:, None] & c_ok[None, :]
             v = tl.load(x_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], mask=ok, other=0.0).to(tl.float32)
@@ -199,14 +203,9 @@ if triton is not None:
     def grad_sums(gy_ptr, x_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, part_ptr, R, N, per_split,
                   ACT: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr):
         # part[split, 0 | 1, n] = sum over the split's rows of g, g * xhat (g: gradient before the activation)
-        split = tl.program_id(0)
-        cols = tl.program_id(1) * BN + tl.arange(0, BN)
-        c_ok = cols < N
+        split, cols, c_ok, r_start, r_end, acc_g, acc_gx = _split(R, N, per_split, BR, BN)
         mean, rstd, w, b = _columns(mean_ptr, rstd_ptr, w_ptr, b_ptr, cols, c_ok)
-        r_end = tl.minimum(split * per_split + per_split, R)
-        acc_g = tl.zeros((BR, BN), dtype=tl.float32)
-        acc_gx = tl.zeros((BR, BN), dtype=tl.float32)
-        for r0 in range(split * per_split, r_end, BR):
+        for r0 in range(r_start, r_end, BR):
             rows = r0 + tl.arange(0, BR)
             ok = (rows < r_end)[:, None] & c_ok[None, :]
             g, xhat = _gradient_before_activation(gy_ptr, x_ptr, rows.to(tl.int64)[:, None] * N + cols[None, :], ok,

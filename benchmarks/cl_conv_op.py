@@ -536,6 +536,13 @@ def _pool_blocks(G: int, interpret: bool) -> tuple[int, int]:
     return (16, _pow2(G, 16, 64)) if interpret else (32, _pow2(G, 16, 128))
 
 
+def check_dropout(op: str, drop: float, seed: Optional[Tensor]) -> None:
+    """The fused dropouts' arguments: a rate in [0, 1) and, with a positive rate, a one-element seed."""
+    if not 0.0 <= drop < 1.0 or (drop > 0 and (seed is None or seed.numel() != 1)):
+        raise ValueError(f"{op}'s dropout needs 0 <= drop < 1 and, when drop > 0, a one-element seed "
+                         f"tensor; got drop={drop}, seed={None if seed is None else tuple(seed.shape)}")
+
+
 @torch.library.custom_op("sleeplib_bench::max_pool_cl", mutates_args=())
 def max_pool_cl(x: Tensor, kernel: int, stride: int, pad: int, drop: float = 0.0,
                 seed: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
@@ -550,9 +557,7 @@ def max_pool_cl(x: Tensor, kernel: int, stride: int, pad: int, drop: float = 0.0
     l_out = _pool_out(L, kernel, stride, pad)
     if kernel > 127 or pad > kernel // 2:
         raise ValueError(f"max_pool_cl needs kernel <= 127 and pad <= kernel // 2, got {kernel}, {pad}")
-    if not 0.0 <= drop < 1.0 or (drop > 0 and (seed is None or seed.numel() != 1)):
-        raise ValueError(f"max_pool_cl's dropout needs 0 <= drop < 1 and, when drop > 0, a one-element seed "
-                         f"tensor; got drop={drop}, seed={None if seed is None else tuple(seed.shape)}")
+    check_dropout("max_pool_cl", drop, seed)
     x = x.contiguous()
     if kernels_usable(x):
         import triton
