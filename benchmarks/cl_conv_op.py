@@ -149,6 +149,160 @@ def _kernels():
             triton.autotune(wgrad_configs, key=["M", "L", "C", "O", "BR", "BN"])(conv_cl_wgrad))
 
 
+@functools.cache
+def _tma_kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def conv_tma(x_desc, w_desc, y_desc, n_mtiles, C, pad,
+                 TAPS: tl.constexpr, FLIP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        # conv_cl's product, one program a (fold, sample, BM rows of it): each tap's rows are one
+        # tile of x (G, B, L, C) at l0 + j - pad, read by the bulk tensor copy engine, which fills
+        # rows outside [0, L) (the padding) and channels past C with zeros. FLIP: the input
+        # gradient's form, w (G, k, C_fwd, O_fwd) read with its taps reversed and transposed
+        pid_m = tl.program_id(0)
+        n0 = tl.program_id(1) * BN
+        g = tl.program_id(2)
+        b = pid_m // n_mtiles
+        l0 = (pid_m % n_mtiles) * BM
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        n_cb = tl.cdiv(C, BK)
+        for kk in range(0, TAPS * n_cb):
+            j = kk // n_cb
+            c0 = (kk - j * n_cb) * BK
+            a = x_desc.load([g, b, l0 + j - pad, c0]).reshape(BM, BK)
+            if FLIP:
+                wt = w_desc.load([g, TAPS - 1 - j, n0, c0]).reshape(BN, BK).T
+            else:
+                wt = w_desc.load([g, j, c0, n0]).reshape(BK, BN)
+            acc = tl.dot(a, wt, acc)
+        y_desc.store([g, b, l0, n0], acc.to(y_desc.dtype).reshape(1, 1, BM, BN))
+
+    @triton.jit
+    def wgrad_tma(x_desc, gy_desc, part_ptr, B, n_ltiles, C, O, pad, b_per_split, n_split, s_pg, s_ps,
+                  BR: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        # conv_cl_wgrad's sums, split over samples; a sample's rows in tiles of BK, each tile of x
+        # and of gy one bulk copy (rows past the output's end are zero in gy, so add nothing)
+        pid_gs = tl.program_id(2)
+        g = pid_gs // n_split
+        split = pid_gs % n_split
+        n_cb = tl.cdiv(C, BR)
+        j = tl.program_id(0) // n_cb
+        c0 = (tl.program_id(0) % n_cb) * BR
+        n0 = tl.program_id(1) * BN
+        b_start = split * b_per_split
+        b_end = tl.minimum(b_start + b_per_split, B)
+        acc = tl.zeros((BR, BN), dtype=tl.float32)
+        for t in range(b_start * n_ltiles, b_end * n_ltiles):
+            b = t // n_ltiles
+            l0 = (t % n_ltiles) * BK
+            xt = x_desc.load([g, b, l0 + j - pad, c0]).reshape(BK, BR)
+            gyt = gy_desc.load([g, b, l0, n0]).reshape(BK, BN)
+            acc = tl.dot(xt.T, gyt, acc)
+        cc = c0 + tl.arange(0, BR)
+        nn = n0 + tl.arange(0, BN)
+        out = part_ptr + g.to(tl.int64) * s_pg + split * s_ps + (j * C + cc)[:, None] * O + nn[None, :]
+        tl.store(out, acc, mask=(cc < C)[:, None] & (nn < O)[None, :])
+
+    return conv_tma, wgrad_tma
+
+
+TMA = True
+"""Where the tensors allow (:func:`_tma_usable`), the convolutions by tensor-descriptor kernels
+(``_tma_kernels``) instead of pointer loads; ``stacked_layout.py --no-tma``: never."""
+TMA_MIN_ROWS = 128
+"""The shortest output for which the forward (and input-gradient) descriptor kernel is used: it tiles
+each sample's rows separately, and short rows waste most of a tile (H100, engine profile of step
+10: the TCE's 80-row convolutions 36 us against 20 us by pointer loads over all samples' rows,
+the large branch's 30-row ones 45-81 us against 29-48 us; the weight gradient kernel was faster
+at every length)."""
+
+
+def _tma_usable(*ts: Tensor) -> bool:
+    """Whether Hopper's bulk tensor copies can read ``ts``: a GPU of compute capability 9 or more (or
+    Triton's interpreter), 16-byte aligned starts and strides, the last axis contiguous."""
+    if not TMA:
+        return False
+    if ts[0].is_cuda:
+        if torch.cuda.get_device_capability(ts[0].device)[0] < 9:
+            return False
+    elif os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    for t in ts:
+        size = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s * size % 16 for s in t.stride()[:-1]):
+            return False
+    return True
+
+
+def _desc(t: Tensor, block: tuple):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), list(block))
+
+
+def _tma_conv_blocks(C: int, O: int, l_out: int, flip: bool) -> tuple:
+    """(BM, BN, BK, warps, stages) of ``conv_tma``: for the small branch's 128-output layers, what the
+    H100 was fastest with (``conv_tma_probe.py``)."""
+    BN, BK = _pow2(O, 16, 128), _pow2(C, 16, 64)
+    if C >= 128 and O >= 128 and not flip:
+        return 256, BN, BK, 8, 4
+    return 128, BN, BK, 4, 3
+
+
+def _run_conv_tma(x: Tensor, w: Tensor, flip: bool, pad: int, l_out: int, blocks: tuple | None = None) -> Tensor:
+    """:func:`_run_conv` by ``conv_tma``: ``w (G, k, C, O)`` as stored (FLIP: the forward's weights).
+    ``blocks``: (BM, BN, BK, warps, stages) instead of :func:`_tma_conv_blocks`' (``conv_tma_probe.py``)."""
+    import triton
+
+    conv_tma, _ = _tma_kernels()
+    G, B, L, C = x.shape
+    taps = w.shape[1]
+    O = w.shape[2] if flip else w.shape[3]
+    y = empty_cl(G, B, l_out, O, like=x)
+    if x.is_cuda:
+        BM, BN, BK, warps, stages = blocks or _tma_conv_blocks(C, O, l_out, flip)
+        tuning = dict(num_warps=warps, num_stages=stages)
+    else:  # the interpreter
+        BM, BN, BK, tuning = 16, _pow2(O, 16, 128), _pow2(C, 16, 64), {}
+    n_mtiles = triton.cdiv(l_out, BM)
+    conv_tma[(B * n_mtiles, triton.cdiv(O, BN), G)](
+        _desc(x, (1, 1, BM, BK)), _desc(w, (1, 1, BN, BK) if flip else (1, 1, BK, BN)), _desc(y, (1, 1, BM, BN)),
+        n_mtiles, C, pad, TAPS=taps, FLIP=flip, BM=BM, BN=BN, BK=BK, **tuning)
+    return y
+
+
+def _grad_weight_tma(gy: Tensor, x: Tensor, pad: int, k: int, blocks: tuple | None = None) -> Tensor:
+    """The weight gradient by ``wgrad_tma``; ``blocks``: (BK, warps, stages) instead of the table's."""
+    import triton
+
+    _, wgrad_tma = _tma_kernels()
+    G, B, L, C = x.shape
+    l_out, O = gy.shape[2], gy.shape[3]
+    BR, BN = _pow2(C, 16, 128), _pow2(O, 16, 128)
+    if x.is_cuda:
+        # H100 (conv_tma_probe.py): 64-row tiles for 128 channels, 128 for 64; short rows, short tiles
+        BK, warps, stages = blocks or ((64 if C >= 128 else 128) if l_out >= 192 else 32, 4, 4)
+        tuning = dict(num_warps=warps, num_stages=stages)
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    else:
+        BK, tuning, sms = 16, {}, 4
+    tiles = G * k * triton.cdiv(C, BR) * triton.cdiv(O, BN)
+    n_split = max(1, min(B, triton.cdiv(4 * sms, tiles)))
+    b_per_split = triton.cdiv(B, n_split)
+    n_split = triton.cdiv(B, b_per_split)
+    part = torch.empty(G, n_split, k, C, O, device=x.device, dtype=torch.float32)
+    wgrad_tma[(k * triton.cdiv(C, BR), triton.cdiv(O, BN), G * n_split)](
+        _desc(x, (1, 1, BK, BR)), _desc(gy, (1, 1, BK, BN)), part, B, triton.cdiv(l_out, BK), C, O, pad,
+        b_per_split, n_split, part.stride(0), part.stride(1), BR=BR, BN=BN, BK=BK, **tuning)
+    return part.sum(1)
+
+
 def _autotune() -> bool:
     return os.environ.get("AUTOTUNE") == "1"
 
@@ -200,13 +354,16 @@ def _check(x: Tensor, what: str) -> None:
 
 
 def _run_conv(x: Tensor, w: Tensor, w_strides: tuple, flip: bool, pad: int, l_out: int, O: int,
-              taps: int) -> Tensor:
+              taps: int, tma: bool = True) -> Tensor:
     """``x (G, B, L, C)`` channels contiguous, weights ``w`` read as ``(G, taps, C, O)`` through
-    ``w_strides`` -> ``(G, B, l_out, O)``."""
+    ``w_strides`` -> ``(G, B, l_out, O)``. ``tma``: by :func:`_run_conv_tma` where it can (not for
+    the first layers' overlapping windows, which a tensor map is not documented to allow)."""
     import triton
 
-    conv_cl, _ = _kernels()
     _check(x, "x")
+    if tma and l_out >= TMA_MIN_ROWS and _tma_usable(x, w):
+        return _run_conv_tma(x, w, flip, pad, l_out)
+    conv_cl, _ = _kernels()
     G, B, L, C = x.shape
     y = empty_cl(G, B, l_out, O, like=x)
     M = B * l_out
@@ -238,12 +395,14 @@ def _grad_input_kernel(gy: Tensor, w: Tensor, pad: int, length: int) -> Tensor:
     return _run_conv(gy, w, (s_g, s_j, s_o, s_c), True, k - 1 - pad, length, w.shape[2], k)
 
 
-def _grad_weight_kernel(gy: Tensor, x: Tensor, pad: int, k: int) -> Tensor:
+def _grad_weight_kernel(gy: Tensor, x: Tensor, pad: int, k: int, tma: bool = True) -> Tensor:
     import triton
 
-    _, conv_cl_wgrad = _kernels()
     _check(x, "x")
     _check(gy, "the output gradient")
+    if tma and _tma_usable(x, gy):
+        return _grad_weight_tma(gy, x, pad, k)
+    _, conv_cl_wgrad = _kernels()
     G, B, L, C = x.shape
     l_out, O = gy.shape[2], gy.shape[3]
     M = B * l_out
@@ -395,7 +554,7 @@ def conv1d_windows(signal: Tensor, w: Tensor, stride: int, l_out: int) -> Tensor
     signal = signal.contiguous()
     if kernels_usable(signal):
         return _run_conv(_windows(signal, w.shape[1], stride, l_out), w.unsqueeze(1),
-                         w.unsqueeze(1).stride(), False, 0, l_out, w.shape[2], 1)
+                         w.unsqueeze(1).stride(), False, 0, l_out, w.shape[2], 1, tma=False)
     return _as_cl(_windows_reference(signal, w, stride, l_out))
 
 
@@ -409,7 +568,7 @@ def _conv1d_windows_grad_weight(gy: Tensor, signal: Tensor, stride: int, kernel:
     G, B, l_out, O = gy.shape
     signal = signal.contiguous()
     if kernels_usable(signal):
-        gw = _grad_weight_kernel(_channels_contiguous(gy), _windows(signal, kernel, stride, l_out), 0, 1)
+        gw = _grad_weight_kernel(_channels_contiguous(gy), _windows(signal, kernel, stride, l_out), 0, 1, tma=False)
         return gw[:, 0].to(signal.dtype).contiguous()
     gw = torch.nn.grad.conv1d_weight(signal.transpose(0, 1), (G * O, 1, kernel), _grouped(gy), stride=stride,
                                      groups=G)

@@ -251,6 +251,8 @@ def main():
                     help="with --stacked --cl-convs: the TCE's tensors copied to (B, K, T, D) order (stacked_layout's flag)")
     ap.add_argument("--attention-kernel", action="store_true",
                     help="with --stacked --cl-convs: the TCE's attention by benchmarks/attention_op.py")
+    ap.add_argument("--no-tma", action="store_true",
+                    help="with --stacked --cl-convs: cl_conv_op's convolutions by pointer loads only (cl_conv_op.TMA)")
     ap.add_argument("--dump-min-us", type=float, default=150.0,
                     help="copy the source of inductor kernels of at least this many microseconds a call to $OUT")
     args = ap.parse_args()
@@ -262,6 +264,7 @@ def main():
         stacked_layout.FUSED = args.fused
         stacked_layout.TCE_CONTIGUOUS = args.tce_contiguous
         stacked_layout.ATTENTION_KERNEL = args.attention_kernel
+        stacked_layout.cl_conv_op.TMA = not args.no_tma
 
         use_stacked_forward(cl_convs=args.cl_convs)
     dev = torch.device("cuda")

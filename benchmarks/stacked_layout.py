@@ -14,9 +14,11 @@ because it needs Triton and runs only AttnSleep's module types::
 (``--tce-cudnn``: the TCE's convolutions by cuDNN instead; ``--einsum-1x1``: the AFR's 1x1 ones as
 ``einsum``; both measured no faster. ``--unaligned``: channels not padded. ``--strided-windows``: the
 first layers' windows all read in place. ``--warm-kernels``: compile this configuration's Triton
-kernels in a child process while the engine compiles its graphs; ``--tce-contiguous``: the TCE's
-tensors in their own order; both step 8. ``--attention-kernel``: the TCE's attention by
-``attention_op.py``, step 9.) The whole schedule from a cold start, as measured last in step 9::
+kernels in child processes while the engine compiles its graphs (step 8; since step 10 in
+:data:`WARM_SHARDS` of them, each its share); ``--tce-contiguous``: the TCE's tensors in their own
+order, step 8. ``--attention-kernel``: the TCE's attention by
+``attention_op.py``, step 9. ``--no-tma``: ``cl_conv_op``'s convolutions by pointer loads only, as
+before step 10.) The whole schedule from a cold start, as measured last in step 9::
 
     python3 benchmarks/stacked_layout.py --device cuda --skip-naive --amp bf16 --compile --cl-convs --fused \
         --full-only --lean-compile --eager-eval --warm-kernels --tce-contiguous --cudnn-heuristics \
@@ -47,6 +49,7 @@ tokens. Only the module types in :data:`HANDLERS` are supported (exact types);
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from pathlib import Path
@@ -59,6 +62,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import cl_conv_op  # noqa: E402
 from attention_op import attention_cl, attention_reference  # noqa: E402
 from bn_act_op import bn_act_cl  # noqa: E402
 from cl_conv_op import conv1d_cl, conv1d_windows, kernels_usable, max_pool_cl  # noqa: E402
@@ -425,10 +429,18 @@ def _aligned_windows(signal: torch.Tensor, w: torch.Tensor, pad: int, stride: in
     n_chunks = n_out + span - 1
     signal = F.pad(signal, (pad, n_chunks * stride - L - pad))  # a negative right pad crops unread samples
     chunks = F.pad(signal.reshape(K, B, n_chunks, stride), (0, width - stride)).reshape(K, B, n_chunks * width)
-    # sample q * stride + e of a window sits at q * width + e; the gaps read row `kernel`, a zero row
-    at = [q * stride + e if e < stride and q * stride + e < kernel else kernel for q in range(span) for e in range(width)]
-    spread = F.pad(w, (0, 0, 0, 1))[:, at]
+    spread = F.pad(w, (0, 0, 0, 1))[:, _spread_rows(kernel, stride, width, w.device)]
     return chunks, spread, width
+
+
+@functools.cache
+def _spread_rows(kernel: int, stride: int, width: int, device: torch.device) -> torch.Tensor:
+    """The rows of the zero-extended weights that :func:`_aligned_windows`' spread weights take: sample
+    ``q * stride + e`` of a window sits at ``q * width + e``; the gaps read row ``kernel``, a zero row.
+    Made once, on the device (a CUDA graph cannot capture the copy of a list)."""
+    span = -(-kernel // stride)
+    at = [q * stride + e if e < stride and q * stride + e < kernel else kernel for q in range(span) for e in range(width)]
+    return torch.tensor(at, device=device)
 
 
 def _fusable_bn_act(run, bn: nn.Module, act: nn.Module | None) -> bool:
@@ -628,7 +640,51 @@ def use_stacked_forward(cl_convs: bool = False) -> None:
 
 
 _OWN_FLAGS = ("--cl-convs", "--tce-cudnn", "--einsum-1x1", "--fused", "--unaligned", "--strided-windows",
-              "--tce-contiguous", "--attention-kernel")
+              "--tce-contiguous", "--attention-kernel", "--no-tma")
+
+
+WARM_SHARDS = 6
+"""Child processes that ``--warm-kernels`` starts, each compiling its share of the kernels
+(:func:`compile_only_shard`): one child compiling all of them one after another took 30.6 s on an
+H100 (step 9), by which time the parent had needed most of them and compiled them itself."""
+
+
+def _specialisation(v) -> object:
+    """What Triton's compiled code depends on in a launch argument, roughly: a tensor's dtype and
+    16-byte alignment, an integer's being 1 or a multiple of 16, a descriptor's dtype and block, a
+    constexpr's value (an approximation is enough: it only decides which shard compiles what)."""
+    if isinstance(v, torch.Tensor):
+        return str(v.dtype), v.data_ptr() % 16 == 0
+    if isinstance(v, bool) or v is None:
+        return v
+    if isinstance(v, int):
+        return v == 1, v % 16 == 0
+    if isinstance(v, float):
+        return "float"
+    if hasattr(v, "block_shape") and hasattr(v, "base"):  # a TensorDescriptor
+        return "descriptor", str(v.base.dtype), tuple(v.block_shape)
+    return repr(v)
+
+
+def compile_only_shard(shard: int, n_shards: int) -> None:
+    """In a warming child: run (so compile) only the Triton launches whose kernel and specialisation
+    hash to ``shard`` of ``n_shards``, skip the others. The skipped kernels leave their outputs
+    unwritten; no later launch's specialisation depends on values, only on shapes, strides and
+    alignment, so the shards together compile what one child running everything would."""
+    import zlib
+
+    from triton.runtime.jit import JITFunction
+
+    run = JITFunction.run
+
+    def sharded(self, *args, grid, warmup, **kwargs):
+        key = repr((self.fn.__qualname__, [_specialisation(a) for a in args],
+                    sorted((k, _specialisation(v)) for k, v in kwargs.items())))
+        if zlib.crc32(key.encode()) % n_shards != shard:
+            return None
+        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    JITFunction.run = sharded
 
 
 def warm_kernels(folds: int, batch: int, n_times: int, eval_batch: int, device: str = "cuda") -> float:
@@ -660,8 +716,25 @@ def warm_kernels(folds: int, batch: int, n_times: int, eval_batch: int, device: 
     return time.perf_counter() - t0
 
 
+def share_triton_cache() -> str:
+    """Point Triton's on-disk cache, for this process and the children it starts, at the folder
+    inductor would switch it to, and return it. Inductor sets ``TRITON_CACHE_DIR`` to a folder of
+    its own (``<inductor cache>/triton/<device>``) when it loads its first kernel, if unset; from
+    then on the engine's process looked for the benchmarks' kernels there, while the warming
+    children, which compile nothing through inductor, had written them to Triton's default
+    folder: the parent recompiled every one of them (52 kernels, 19-21 s, steps 9 and 10)."""
+    import os
+
+    if "TRITON_CACHE_DIR" not in os.environ:
+        from torch._inductor.runtime.cache_dir_utils import triton_cache_dir
+
+        os.environ["TRITON_CACHE_DIR"] = triton_cache_dir(torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    return os.environ["TRITON_CACHE_DIR"]
+
+
 def _start_warming(argv: list[str]) -> None:
-    """``--warm-kernels``: :func:`warm_kernels` in a child process, for the run's shapes."""
+    """``--warm-kernels``: :func:`warm_kernels` in :data:`WARM_SHARDS` child processes, for the run's
+    shapes, each compiling its shard of the kernels."""
     import subprocess
 
     def value(flag, default):
@@ -670,7 +743,8 @@ def _start_warming(argv: list[str]) -> None:
     folds = value("--schedule-folds", "20") if "--full-only" in argv else value("--folds", "20")
     shapes = [folds, value("--batch", "128"), value("--n-times", "3000")]
     own = [a for a in argv if a in _OWN_FLAGS]
-    subprocess.Popen([sys.executable, __file__, "--warm-kernels-child", *shapes, *own])
+    for shard in range(WARM_SHARDS):
+        subprocess.Popen([sys.executable, __file__, "--warm-kernels-child", *shapes, f"{shard}/{WARM_SHARDS}", *own])
 
 
 if __name__ == "__main__":
@@ -685,15 +759,20 @@ if __name__ == "__main__":
     ALIGNED_WINDOWS = "--strided-windows" not in sys.argv
     TCE_CONTIGUOUS = "--tce-contiguous" in sys.argv
     ATTENTION_KERNEL = "--attention-kernel" in sys.argv
+    cl_conv_op.TMA = "--no-tma" not in sys.argv
     use_stacked_forward(cl_convs=cl)
     if "--warm-kernels-child" in sys.argv:
-        folds, batch, n_times = (int(v) for v in sys.argv[sys.argv.index("--warm-kernels-child") + 1:][:3])
+        child_args = sys.argv[sys.argv.index("--warm-kernels-child") + 1:]
+        folds, batch, n_times = (int(v) for v in child_args[:3])
+        shard, n_shards = (int(v) for v in child_args[3].split("/"))
         from sleeplib.train.config import get_recipe
 
+        compile_only_shard(shard, n_shards)
         eval_batch = get_recipe("attnsleep").eval_batch_size  # what train_speed's engine evaluates in
-        print(f"warm_kernels: {warm_kernels(folds, batch, n_times, eval_batch):.1f} s")
+        print(f"warm_kernels, shard {shard}/{n_shards}: {warm_kernels(folds, batch, n_times, eval_batch):.1f} s")
         sys.exit(0)
     if "--warm-kernels" in sys.argv and torch.cuda.is_available():  # Triton kernels: CUDA only
+        share_triton_cache()
         _start_warming(sys.argv[1:])
     print(f"fold layout: stacked (benchmarks/stacked_layout.py), cl_convs={cl}, TCE convolutions by "
           f"{'cl_conv_op' if cl and CL_OUTSIDE else 'cuDNN'}, 1x1 convolutions by "
@@ -702,5 +781,6 @@ if __name__ == "__main__":
           f"{'max_pool_cl' if cl and FUSED else 'max_pool_cl, inductor' if cl else 'inductor'}, channels padded to a multiple of {ALIGN_CHANNELS}, "
           f"first layers' windows {'aligned where free' if ALIGNED_WINDOWS else 'strided'}, TCE tensors "
           f"{'contiguous' if TCE_CONTIGUOUS else 'views of the AFR output'}, attention by "
-          f"{'attention_op' if cl and ATTENTION_KERNEL else 'inductor'}")
+          f"{'attention_op' if cl and ATTENTION_KERNEL else 'inductor'}, cl_conv_op's convolutions by "
+          f"{'tensor descriptors where aligned' if cl_conv_op.TMA else 'pointer loads'}")
     train_speed.main([a for a in sys.argv[1:] if a not in (*_OWN_FLAGS, "--warm-kernels")])

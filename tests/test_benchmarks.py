@@ -6,6 +6,7 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -158,8 +159,46 @@ def test_stacked_layout_warm_kernels_child_gets_the_run_shapes_and_layout_flags(
     stacked._start_warming(["--device", "cuda", "--folds", "4", "--batch", "64", "--compile", "--cl-convs", "--fused",
                             "--tce-contiguous", "--lean-compile"])
     stacked._start_warming(["--full-only", "--schedule-folds", "10", "--folds", "3", "--cl-convs"])
-    assert started[0][2:] == ["--warm-kernels-child", "4", "64", "3000", "--cl-convs", "--fused", "--tce-contiguous"]
-    assert started[1][2:] == ["--warm-kernels-child", "10", "128", "3000", "--cl-convs"]  # the schedule's folds
+    n = stacked.WARM_SHARDS
+    assert len(started) == 2 * n
+    assert [c[2:] for c in started[:n]] == [["--warm-kernels-child", "4", "64", "3000", f"{i}/{n}", "--cl-convs", "--fused",
+                                             "--tce-contiguous"] for i in range(n)]
+    assert started[n][2:] == ["--warm-kernels-child", "10", "128", "3000", f"0/{n}", "--cl-convs"]  # the schedule's folds
+
+
+def test_stacked_layout_shares_the_triton_cache_inductor_would_use(monkeypatch):
+    """The warming children must write where the engine's process, once inductor has loaded a kernel, reads."""
+    import os
+
+    from torch._inductor.runtime.cache_dir_utils import triton_cache_dir
+
+    stacked = _load("stacked_layout")
+    monkeypatch.setenv("TRITON_CACHE_DIR", "recorded")  # so that teardown restores what was there
+    monkeypatch.delenv("TRITON_CACHE_DIR")
+    expected = triton_cache_dir(0)
+    assert stacked.share_triton_cache() == expected == os.environ["TRITON_CACHE_DIR"]
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/somewhere/else")  # a user's choice stays
+    assert stacked.share_triton_cache() == "/somewhere/else"
+
+
+def test_stacked_layout_warming_shards_split_the_launches_between_them(monkeypatch):
+    """Each warming child runs only its shard of the Triton launches; together they run each once."""
+    pytest.importorskip("triton")
+    from triton.runtime.jit import JITFunction
+
+    stacked = _load("stacked_layout")
+    ran = []
+    kernels = [SimpleNamespace(fn=SimpleNamespace(__qualname__=name)) for name in ("conv_cl", "pool_fwd", "normalise")]
+    launches = [(kern, (torch.zeros(n), n), {"BM": bm}) for kern in kernels for n in (1, 16, 17) for bm in (64, 128)]
+    per_shard = []
+    for shard in range(3):
+        ran.clear()
+        monkeypatch.setattr(JITFunction, "run", lambda self, *a, grid, warmup, **k: ran.append(self.fn.__qualname__))
+        stacked.compile_only_shard(shard, 3)
+        for kern, args, kw in launches:
+            JITFunction.run(kern, *args, grid=(1,), warmup=False, **kw)
+        per_shard.append(len(ran))
+    assert sum(per_shard) == len(launches) and max(per_shard) < len(launches)
 
 
 @pytest.mark.parametrize("backend", [None, "aot_eager"])
@@ -453,13 +492,27 @@ import cl_conv_op as op
 from test_benchmarks import CL_CONV_CASES, POOL_CASES, WINDOW_CASES, _check_pool_dropout, _cl_case, _cl_conv_expected, _windows_case, _windows_expected
 op.conv1d_cl_reference = op._windows_reference = None  # the kernels must do the work
 assert op.kernels_usable(torch.zeros(1))
-for case in CL_CONV_CASES:
-    x, w, pad, l_out = _cl_case(case, torch.float32)
-    got, want = op.conv1d_cl(x, w.permute(0, 3, 2, 1), pad, l_out), _cl_conv_expected(x, w, pad, l_out)
-    gy = torch.randn_like(want)
-    pairs = zip((got, *torch.autograd.grad((got * gy).sum(), (x, w))), (want, *torch.autograd.grad((want * gy).sum(), (x, w))))
-    for a, b in pairs:
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+tma_calls = []
+for name in ("_run_conv_tma", "_grad_weight_tma"):
+    def counted(*args, _f=getattr(op, name), _name=name, **kw):
+        tma_calls.append((_name, args[2] if _name == "_run_conv_tma" else None))
+        return _f(*args, **kw)
+    setattr(op, name, counted)
+op.TMA_MIN_ROWS = 1  # the descriptor kernels for these short rows too
+for op.TMA in (False, True):  # pointer loads; tensor descriptors where the strides allow
+    for case in CL_CONV_CASES:
+        x, w, pad, l_out = _cl_case(case, torch.float32)
+        # weights contiguous, as the engine packs them (a tensor map needs 16-byte strides)
+        got, want = op.conv1d_cl(x, w.permute(0, 3, 2, 1).contiguous(), pad, l_out), _cl_conv_expected(x, w, pad, l_out)
+        gy = torch.randn_like(want)
+        pairs = zip((got, *torch.autograd.grad((got * gy).sum(), (x, w))), (want, *torch.autograd.grad((want * gy).sum(), (x, w))))
+        for a, b in pairs:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    if not op.TMA:
+        assert not tma_calls
+# forward, input gradient (flip) and weight gradient each by the descriptor kernels, in several cases
+assert set(c for c in tma_calls if c[0] == "_run_conv_tma") == set([("_run_conv_tma", False), ("_run_conv_tma", True)])
+assert sum(c[0] == "_grad_weight_tma" for c in tma_calls) >= 3, tma_calls
 for case in WINDOW_CASES:  # the first layers: forward and weight gradient
     signal, w, stride, l_out = _windows_case(case, torch.float32)
     signal.requires_grad_(False)
