@@ -662,9 +662,10 @@ def _pool_kernels():
         tl.store(idx_ptr + out, arg.to(tl.int8), mask=mask)
 
     @triton.jit
-    def pool_bwd(gy_ptr, idx_ptr, gx_ptr, R, L, l_out, G, stride, pad, scale,
+    def pool_bwd(gy_ptr, idx_ptr, gx_ptr, R, L, l_out, G, s_gyb, stride, pad, scale,
                  KERNEL: tl.constexpr, WINDOWS: tl.constexpr, BR: tl.constexpr, BG: tl.constexpr):
-        # gx[b, i, g] = sum over the windows l holding i whose maximum sat at i
+        # gx[b, i, g] = sum over the windows l holding i whose maximum sat at i; gy's samples s_gyb
+        # apart (a slice of the MRCNN's concatenation's gradient is read in place)
         rows = tl.program_id(0) * BR + tl.arange(0, BR)  # (b, i)
         cols = tl.program_id(1) * BG + tl.arange(0, BG)
         r_ok = rows < R
@@ -680,7 +681,8 @@ def _pool_kernels():
             at = (b * l_out + l)[:, None] * G + cols[None, :]
             m = ok[:, None] & g_ok[None, :]
             hit = tl.load(idx_ptr + at, mask=m, other=-1).to(tl.int32) == j[:, None]
-            acc += tl.where(hit & m, tl.load(gy_ptr + at, mask=m, other=0.0).to(tl.float32), 0.0)
+            at_gy = (b * s_gyb + l * G)[:, None] + cols[None, :]
+            acc += tl.where(hit & m, tl.load(gy_ptr + at_gy, mask=m, other=0.0).to(tl.float32), 0.0)
         tl.store(gx_ptr + rows.to(tl.int64)[:, None] * G + cols[None, :], (acc * scale).to(gx_ptr.dtype.element_ty),
                  mask=r_ok[:, None] & g_ok[None, :])
 
@@ -751,7 +753,8 @@ def _(x, kernel, stride, pad, drop=0.0, seed=None):
 def _max_pool_cl_backward(gy: Tensor, idx: Tensor, length: int, kernel: int, stride: int, pad: int,
                           scale: float) -> Tensor:
     B, l_out, G = gy.shape
-    gy = gy.contiguous()
+    if gy.stride(2) != 1 or gy.stride(1) != G:  # samples may lie apart (a slice of a concatenation's gradient)
+        gy = gy.contiguous()
     if kernels_usable(gy):
         import triton
 
@@ -759,7 +762,8 @@ def _max_pool_cl_backward(gy: Tensor, idx: Tensor, length: int, kernel: int, str
         gx = torch.empty(B, length, G, device=gy.device, dtype=gy.dtype)
         BR, BG = _pool_blocks(G, not gy.is_cuda)
         R = B * length
-        pool_bwd[(triton.cdiv(R, BR), triton.cdiv(G, BG))](gy, idx, gx, R, length, l_out, G, stride, pad, scale,
+        pool_bwd[(triton.cdiv(R, BR), triton.cdiv(G, BG))](gy, idx, gx, R, length, l_out, G, gy.stride(0), stride,
+                                                          pad, scale,
                                                           KERNEL=kernel, WINDOWS=-(-kernel // stride),
                                                           BR=BR, BG=BG)
         return gx

@@ -259,6 +259,14 @@ def _se_residual(run, m: SEResidualBlock1d, prefix, x):
 
 
 def _mrcnn(run, m: MRCNN, prefix, x):
+    branches = (("small_kernel_branch", m.small_kernel_branch), ("large_kernel_branch", m.large_kernel_branch))
+    if run.cl_mode and all(type(b) is nn.Sequential and len(b) and _fusable_pool_dropout(run, b[-1], m.dropout)
+                           for _, b in branches):
+        # the dropout after the concatenation, element-wise, drawn by each branch's last max-pool
+        # instead (as the first one's): inductor's concatenation + dropout kernel took 93 us forward,
+        # and its backward + the copy of each slice to a contiguous gradient some 100 us more
+        parts = [_cl_sequential(run, b, _child(prefix, name), x, trailing=m.dropout) for name, b in branches]
+        return torch.cat(parts, dim=run.length_dim)
     small = run(m.small_kernel_branch, _child(prefix, "small_kernel_branch"), x)
     large = run(m.large_kernel_branch, _child(prefix, "large_kernel_branch"), x)
     return run(m.dropout, _child(prefix, "dropout"), torch.cat([small, large], dim=run.length_dim))
@@ -483,13 +491,14 @@ def _cl_pool_dropout(run, pool: nn.MaxPool1d, prefix, x, drop: nn.Dropout):
     return y.view(B, y.shape[1], K, C)
 
 
-def _cl_sequential(run, m: nn.Sequential, prefix, x):
-    """A ``Sequential`` in cl mode, with :data:`FUSED`'s pairs of layers fused."""
+def _cl_sequential(run, m: nn.Sequential, prefix, x, trailing: nn.Module | None = None):
+    """A ``Sequential`` in cl mode, with :data:`FUSED`'s pairs of layers fused; ``trailing``: a module
+    that follows its last one (the MRCNN's dropout), which the caller has checked fuses with it."""
     children = list(m.named_children())
     i = 0
     while i < len(children):
         name, child = children[i]
-        following = children[i + 1][1] if i + 1 < len(children) else None
+        following = children[i + 1][1] if i + 1 < len(children) else trailing
         if _fusable_bn_act(run, child, following):
             x = _cl_bn_gelu(run, child, _child(prefix, name), x)
             i += 2

@@ -110,9 +110,33 @@ def test_stacked_layout_fuses_max_pool_and_dropout_in_training(monkeypatch):
     params = {n: t.detach().requires_grad_() for n, t in params.items()}
     out = stacked.stacked_forward(models[0], params, buffers, torch.randn(2, 3, 1, 3000), cl_convs=True)
     out.sum().backward()
-    # the first pooling of each branch with its dropout; the others without
-    assert sorted(calls) == [(), (), (0.5,), (0.5,)] and torch.isfinite(out).all()
+    # every pooling with a dropout: the first of each branch with the branch's, the last with the
+    # MRCNN's after the concatenation
+    assert sorted(calls) == [(0.5,)] * 4 and torch.isfinite(out).all()
     assert [n for n, p in params.items() if "unused" not in n and (p.grad is None or not torch.isfinite(p.grad).all())] == []
+
+
+def test_stacked_layout_draws_the_mrcnn_dropout_in_each_branch_last_max_pool(monkeypatch):
+    """dropout(cat(small, large)) as each branch's last max-pool with that dropout: every output is 0 or
+    the undropped one scaled by 1 / (1 - p), about p of them 0."""
+    stacked = _load("stacked_layout")
+    torch.manual_seed(0)
+    models = [build_model("attnsleep", mrcnn_dropout=0.0).double() for _ in range(2)]  # no dropout inside the branches
+    params, buffers = stack_module_state(models)
+    mrcnn = models[0].feature_extractor
+    x = (torch.randn(2, 4, 1, 3000, dtype=torch.float64) * 20).transpose(0, 1).permute(0, 3, 1, 2)  # (B, T, K, C)
+
+    def output(fused, p):
+        monkeypatch.setattr(stacked, "FUSED", fused)
+        monkeypatch.setattr(mrcnn.dropout, "p", p)
+        run = stacked._Run(params, {n: b.clone() for n, b in buffers.items()}, True, False, cl_convs=True)
+        run.cl_mode = True
+        return run(mrcnn, "feature_extractor.", x)
+
+    plain, dropped = output(False, 0.0), output(True, 0.5)
+    kept = dropped != 0
+    assert dropped.shape == plain.shape and 0.4 < float(kept.double().mean()) < 0.6
+    torch.testing.assert_close(dropped[kept], 2 * plain[kept])
 
 
 @pytest.mark.slow
@@ -528,6 +552,12 @@ for B, L, G, k, s, p in POOL_CASES:  # the max-pool kernels: forward and backwar
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(torch.autograd.grad((got * gy).sum(), x), torch.autograd.grad((want * gy).sum(), x))
 _check_pool_dropout(op, torch.randn(4, 37, 20, requires_grad=True), 8, 2, 4)  # with dropout, the kernels' own mask
+# the gradient of a slice of a concatenation (samples further apart than the pooled rows), read in place
+x = torch.randn(3, 37, 20, requires_grad=True)
+got = torch.cat([op.max_pool_cl(x, 4, 4, 2)[0], torch.zeros(3, 5, 20)], dim=1)
+want = torch.cat([torch.nn.functional.max_pool1d(x.transpose(1, 2), 4, 4, 2).transpose(1, 2), torch.zeros(3, 5, 20)], dim=1)
+gy = torch.randn_like(want)
+torch.testing.assert_close(torch.autograd.grad((got * gy).sum(), x), torch.autograd.grad((want * gy).sum(), x))
 print("ok")
 """
     _run_interpreted(script)
