@@ -246,7 +246,7 @@ def _desc(t: Tensor, block: tuple):
     return TensorDescriptor(t, list(t.shape), list(t.stride()), list(block))
 
 
-def _tma_conv_blocks(C: int, O: int, l_out: int, flip: bool) -> tuple:
+def _tma_conv_blocks(C: int, O: int, flip: bool) -> tuple:
     """(BM, BN, BK, warps, stages) of ``conv_tma``: for the small branch's 128-output layers, what the
     H100 was fastest with (``conv_tma_probe.py``)."""
     BN, BK = _pow2(O, 16, 128), _pow2(C, 16, 64)
@@ -266,7 +266,7 @@ def _run_conv_tma(x: Tensor, w: Tensor, flip: bool, pad: int, l_out: int, blocks
     O = w.shape[2] if flip else w.shape[3]
     y = empty_cl(G, B, l_out, O, like=x)
     if x.is_cuda:
-        BM, BN, BK, warps, stages = blocks or _tma_conv_blocks(C, O, l_out, flip)
+        BM, BN, BK, warps, stages = blocks or _tma_conv_blocks(C, O, flip)
         tuning = dict(num_warps=warps, num_stages=stages)
     else:  # the interpreter
         BM, BN, BK, tuning = 16, _pow2(O, 16, 128), _pow2(C, 16, 64), {}

@@ -263,8 +263,8 @@ def _mrcnn(run, m: MRCNN, prefix, x):
     if run.cl_mode and all(type(b) is nn.Sequential and len(b) and _fusable_pool_dropout(run, b[-1], m.dropout)
                            for _, b in branches):
         # the dropout after the concatenation, element-wise, drawn by each branch's last max-pool
-        # instead (as the first one's): inductor's concatenation + dropout kernel took 93 us forward,
-        # and its backward + the copy of each slice to a contiguous gradient some 100 us more
+        # instead (as the first one's): inductor's concatenation + dropout kernel took 93 us forward
+        # (the plain concatenation: 51 us; H100, step 10)
         parts = [_cl_sequential(run, b, _child(prefix, name), x, trailing=m.dropout) for name, b in branches]
         return torch.cat(parts, dim=run.length_dim)
     small = run(m.small_kernel_branch, _child(prefix, "small_kernel_branch"), x)
@@ -654,8 +654,8 @@ _OWN_FLAGS = ("--cl-convs", "--tce-cudnn", "--einsum-1x1", "--fused", "--unalign
 
 WARM_SHARDS = 6
 """Child processes that ``--warm-kernels`` starts, each compiling its share of the kernels
-(:func:`compile_only_shard`): one child compiling all of them one after another took 30.6 s on an
-H100 (step 9), by which time the parent had needed most of them and compiled them itself."""
+(:func:`compile_only_shard`): one child compiling all of them one after another took 30-33 s on an
+H100, six took 7.5-13 s each (step 10)."""
 
 
 def _specialisation(v) -> object:
