@@ -259,14 +259,8 @@ def main():
     if args.stacked:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         import stacked_layout
-        from stacked_layout import use_stacked_forward
 
-        stacked_layout.FUSED = args.fused
-        stacked_layout.TCE_CONTIGUOUS = args.tce_contiguous
-        stacked_layout.ATTENTION_KERNEL = args.attention_kernel
-        stacked_layout.cl_conv_op.TMA = not args.no_tma
-
-        use_stacked_forward(cl_convs=args.cl_convs)
+        stacked_layout.use_stacked_forward(cl_convs=stacked_layout.configure(sys.argv[1:]))
     dev = torch.device("cuda")
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = True

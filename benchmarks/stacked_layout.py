@@ -696,6 +696,22 @@ def compile_only_shard(shard: int, n_shards: int) -> None:
     JITFunction.run = sharded
 
 
+def configure(flags: list[str]) -> bool:
+    """Set this module's layout choices (and ``cl_conv_op.TMA``) from the command-line ``flags`` of
+    :data:`_OWN_FLAGS` (the others are ignored), as this script, its warming children and
+    ``conv_layouts.py`` take them; returns whether ``--cl-convs`` is among them."""
+    global CL_OUTSIDE, EINSUM_1X1, FUSED, ALIGN_CHANNELS, ALIGNED_WINDOWS, TCE_CONTIGUOUS, ATTENTION_KERNEL
+    CL_OUTSIDE = "--tce-cudnn" not in flags
+    EINSUM_1X1 = "--einsum-1x1" in flags
+    FUSED = "--fused" in flags
+    ALIGN_CHANNELS = 1 if "--unaligned" in flags else 8
+    ALIGNED_WINDOWS = "--strided-windows" not in flags
+    TCE_CONTIGUOUS = "--tce-contiguous" in flags
+    ATTENTION_KERNEL = "--attention-kernel" in flags
+    cl_conv_op.TMA = "--no-tma" not in flags
+    return "--cl-convs" in flags
+
+
 def warm_kernels(folds: int, batch: int, n_times: int, eval_batch: int, device: str = "cuda") -> float:
     """One eager training step and one evaluation of the engine, with :func:`stacked_forward`, on a
     small dataset of the real shapes: run in a child process while the parent compiles its graphs
@@ -760,15 +776,7 @@ if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import train_speed
 
-    cl = "--cl-convs" in sys.argv
-    CL_OUTSIDE = "--tce-cudnn" not in sys.argv
-    EINSUM_1X1 = "--einsum-1x1" in sys.argv
-    FUSED = "--fused" in sys.argv
-    ALIGN_CHANNELS = 1 if "--unaligned" in sys.argv else ALIGN_CHANNELS
-    ALIGNED_WINDOWS = "--strided-windows" not in sys.argv
-    TCE_CONTIGUOUS = "--tce-contiguous" in sys.argv
-    ATTENTION_KERNEL = "--attention-kernel" in sys.argv
-    cl_conv_op.TMA = "--no-tma" not in sys.argv
+    cl = configure(sys.argv[1:])
     use_stacked_forward(cl_convs=cl)
     if "--warm-kernels-child" in sys.argv:
         child_args = sys.argv[sys.argv.index("--warm-kernels-child") + 1:]

@@ -190,6 +190,21 @@ def test_stacked_layout_warm_kernels_child_gets_the_run_shapes_and_layout_flags(
     assert started[n][2:] == ["--warm-kernels-child", "10", "128", "3000", f"0/{n}", "--cl-convs"]  # the schedule's folds
 
 
+def test_stacked_layout_configure_sets_the_layout_from_the_flags(monkeypatch):
+    """One reading of the layout flags, for the script, its warming children and conv_layouts.py."""
+    stacked = _load("stacked_layout")
+    names = ("CL_OUTSIDE", "EINSUM_1X1", "FUSED", "ALIGN_CHANNELS", "ALIGNED_WINDOWS", "TCE_CONTIGUOUS", "ATTENTION_KERNEL")
+    for name in names:  # restored after the test
+        monkeypatch.setattr(stacked, name, getattr(stacked, name))
+    monkeypatch.setattr(stacked.cl_conv_op, "TMA", stacked.cl_conv_op.TMA)
+    assert stacked.configure(["--device", "cuda", "--cl-convs", "--fused", "--attention-kernel", "--no-tma"])
+    assert [getattr(stacked, n) for n in names] == [True, False, True, 8, True, False, True]
+    assert stacked.cl_conv_op.TMA is False
+    assert not stacked.configure(["--tce-cudnn", "--einsum-1x1", "--unaligned", "--strided-windows", "--tce-contiguous"])
+    assert [getattr(stacked, n) for n in names] == [False, True, False, 1, False, True, False]
+    assert stacked.cl_conv_op.TMA is True
+
+
 def test_stacked_layout_shares_the_triton_cache_inductor_would_use(monkeypatch):
     """The warming children must write where the engine's process, once inductor has loaded a kernel, reads."""
     import os
