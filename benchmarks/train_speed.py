@@ -181,6 +181,10 @@ class ColdStartReport:
             by_kernel.setdefault(n, []).append(s)
         out["triton_compiled_here"] = {n: {"count": len(v), "s": sum(v)} for n, v in sorted(by_kernel.items())}
         out["triton_compiled_here_s"] = sum(s for _, s in misses)
+        # compiled graphs found in inductor's (FX) and AOTAutograd's on-disk caches, or why not
+        counters = torch._dynamo.utils.counters
+        out["compile_caches"] = {f"{group}.{k}": int(v) for group in ("inductor", "aot_autograd")
+                                 for k, v in counters[group].items() if "cache" in k}
         try:
             names, rows = torch._dynamo.utils.compile_times(repr="csv", aggregate=True)
             out["compile_phases_s"] = {n: float(v) for n, v in zip(names, rows) if _is_number(v)}
@@ -196,6 +200,8 @@ class ColdStartReport:
         print(f"Triton kernels compiled in this process: {sum(v['count'] for v in s['triton_compiled_here'].values())}, "
               f"{s['triton_compiled_here_s']:.1f} s: " + ", ".join(
                   f"{n} {v['count']}x {v['s']:.1f} s" for n, v in s["triton_compiled_here"].items()))
+        if s["compile_caches"]:
+            print("compile caches: " + ", ".join(f"{k} {v}" for k, v in sorted(s["compile_caches"].items())))
         phases = s["compile_phases_s"]
         if isinstance(phases, dict):
             top = sorted(phases.items(), key=lambda kv: -kv[1])[:25]
@@ -210,6 +216,40 @@ def _is_number(v) -> bool:
         return True
     except (TypeError, ValueError):
         return False
+
+
+LEAN_COMPILE = ("triton.autotune_pointwise=False", "inductor.loop_ordering_after_fusion=False",
+                "inductor.size_asserts=False", "inductor.fx_graph_cache=False", "functorch.enable_autograd_cache=False")
+"""``--lean-compile``'s options. On an H100 (``benchmarks/RESULTS.md``, step 11), without the reordering
+of loops after fusion inductor's scheduler took 5.0-6.2 s of the cold start instead of 6.5-9.6 s,
+and the steps ran as fast (2.60 s of full steps an epoch either way); the caches are off because a
+cold start only writes them. Turning off the pattern matcher as well saved some 3 s more of
+compilation but made steps slower (0.01-0.03 s an epoch), so it is not among them."""
+
+_CONFIG_MODULES = {"inductor": "torch._inductor.config", "functorch": "torch._functorch.config",
+                   "dynamo": "torch._dynamo.config", "triton": "torch._inductor.config.triton"}
+
+
+def set_compile_config(setting: str) -> None:
+    """``MODULE.NAME=VALUE`` (MODULE one of :data:`_CONFIG_MODULES`, VALUE a Python literal): set that
+    torch compiler option; an unknown module or name is an error that lists the known ones."""
+    import ast
+    import importlib
+
+    name, sep, value = setting.partition("=")
+    module, _, key = name.partition(".")
+    if not sep or module not in _CONFIG_MODULES or not key:
+        raise SystemExit(f"--compile-config {setting!r}: expected MODULE.NAME=VALUE with MODULE one of "
+                         f"{', '.join(_CONFIG_MODULES)}")
+    path = _CONFIG_MODULES[module]
+    target = importlib.import_module("torch._inductor.config").triton if module == "triton" else importlib.import_module(path)
+    if not hasattr(target, key):
+        raise SystemExit(f"--compile-config {setting!r}: {path} has no option {key!r}")
+    try:
+        parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        parsed = value  # a bare string
+    setattr(target, key, parsed)
 
 
 def batched(model_name, x, y, train, test, args, config, epochs):
@@ -258,7 +298,13 @@ def main(argv=None):
     p.add_argument("--cudnn-heuristics", action="store_true",
                    help="cuDNN picks its algorithms by heuristics (no benchmarking of each new shape)")
     p.add_argument("--lean-compile", action="store_true",
-                   help="with --compile: inductor benchmarks no alternative configs of its pointwise kernels")
+                   help="with --compile: inductor benchmarks no alternative configs of its pointwise kernels, "
+                        "and skips what measured no faster at run time: the reordering of loops after fusion, "
+                        "the size asserts, the FX and AOTAutograd caches (LEAN_COMPILE)")
+    p.add_argument("--compile-config", action="append", default=[], metavar="MODULE.NAME=VALUE",
+                   help="with --compile: set a torch compiler option, e.g. "
+                        "inductor.loop_ordering_after_fusion=False or "
+                        "functorch.autograd_cache_allow_custom_autograd_functions=True (repeatable)")
     p.add_argument("--skip-naive", action="store_true")
     p.add_argument("--skip-batched", action="store_true",
                    help="naive loop only (models that cannot run under vmap, e.g. attnsleep_msmp)")
@@ -283,9 +329,10 @@ def main(argv=None):
 
         inductor_config.coordinate_descent_tuning = True
     if args.lean_compile:
-        import torch._inductor.config as inductor_config
-
-        inductor_config.triton.autotune_pointwise = False
+        for setting in LEAN_COMPILE:
+            set_compile_config(setting)
+    for setting in args.compile_config:
+        set_compile_config(setting)
     config = get_recipe("attnsleep", batch_size=args.batch, amp=args.amp, progress=False)
     x, y, subject = synthetic_edf20(args.n_samples, args.n_times, args.n_subjects, args.device)
     train, test = paper_like_folds(subject, args.folds)

@@ -285,6 +285,7 @@ def test_train_speed_runs_on_cpu_and_reports_its_figures(tmp_path, capsys):
     cold = figures["cold_start"]
     assert cold["_step"]["calls"] == figures["steps_per_epoch"] and cold["evaluate"]["calls"] == 1
     assert 0 < cold["_step"]["total_s"] < figures["batched_epoch_s"][0]
+    assert isinstance(cold["compile_caches"], dict)  # the compiled graphs' cache hits and misses (none: no compile)
     assert "first epoch, wall time by phase" in capsys.readouterr().out
 
 
@@ -311,6 +312,30 @@ def test_cold_start_report_times_calls_then_gives_the_engine_its_methods_back():
     assert "_step" not in vars(engine) and engine._step.__func__ is Engine._step
     engine._step()
     assert report.summary()["_step"]["calls"] == 2  # no longer timed
+
+
+def test_compile_config_sets_torch_compiler_options_and_names_what_is_wrong():
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    train_speed = _load("train_speed")
+    # the config modules' own patch restores them (pytest's monkeypatch would delete the options)
+    touched = ("size_asserts", "loop_ordering_after_fusion", "fx_graph_cache", "triton.autotune_pointwise")
+    before = (inductor_config.fx_graph_cache, functorch_config.enable_autograd_cache)
+    with inductor_config.patch({name: inductor_config.get_config_copy()[name] for name in touched}), \
+            functorch_config.patch(enable_autograd_cache=functorch_config.enable_autograd_cache):
+        train_speed.set_compile_config("inductor.size_asserts=False")
+        train_speed.set_compile_config("triton.autotune_pointwise=False")
+        train_speed.set_compile_config("functorch.enable_autograd_cache=0")
+        assert (inductor_config.size_asserts, inductor_config.triton.autotune_pointwise,
+                functorch_config.enable_autograd_cache) == (False, False, 0)
+        with pytest.raises(SystemExit, match="has no option 'no_such_option'"):
+            train_speed.set_compile_config("inductor.no_such_option=1")
+        with pytest.raises(SystemExit, match="MODULE one of inductor, functorch, dynamo, triton"):
+            train_speed.set_compile_config("size_asserts=False")
+        for setting in train_speed.LEAN_COMPILE:  # every option of --lean-compile exists in this torch
+            train_speed.set_compile_config(setting)
+    assert (inductor_config.fx_graph_cache, functorch_config.enable_autograd_cache) == before  # restored
 
 
 @pytest.mark.slow
