@@ -181,7 +181,7 @@ class ColdStartReport:
             by_kernel.setdefault(n, []).append(s)
         out["triton_compiled_here"] = {n: {"count": len(v), "s": sum(v)} for n, v in sorted(by_kernel.items())}
         out["triton_compiled_here_s"] = sum(s for _, s in misses)
-        # compiled graphs found in inductor's (FX) and AOTAutograd's on-disk caches, or why not
+        # hits, misses and bypasses of inductor's (FX) and AOTAutograd's on-disk caches of compiled graphs
         counters = torch._dynamo.utils.counters
         out["compile_caches"] = {f"{group}.{k}": int(v) for group in ("inductor", "aot_autograd")
                                  for k, v in counters[group].items() if "cache" in k}
@@ -232,7 +232,8 @@ _CONFIG_MODULES = {"inductor": "torch._inductor.config", "functorch": "torch._fu
 
 def set_compile_config(setting: str) -> None:
     """``MODULE.NAME=VALUE`` (MODULE one of :data:`_CONFIG_MODULES`, VALUE a Python literal): set that
-    torch compiler option; an unknown module or name is an error that lists the known ones."""
+    torch compiler option. An unknown module is an error that lists the known ones, an unknown name
+    one that names it."""
     import ast
     import importlib
 
