@@ -242,24 +242,14 @@ def main():
                     help="with --engine-profile-only --compile: convolutions through benchmarks/fold_conv_op.py")
     ap.add_argument("--stacked", action="store_true",
                     help="profile the engine with benchmarks/stacked_layout.py's forward instead of vmap")
-    ap.add_argument("--cl-convs", action="store_true",
-                    help="with --stacked: its channels-last Triton convolutions (benchmarks/cl_conv_op.py)")
-    ap.add_argument("--fused", action="store_true",
-                    help="with --stacked --cl-convs: the MRCNN's batch norm + GELU by benchmarks/bn_act_op.py, "
-                         "max-pool + dropout by cl_conv_op.max_pool_cl")
-    ap.add_argument("--tce-contiguous", action="store_true",
-                    help="with --stacked --cl-convs: the TCE's tensors copied to (B, K, T, D) order (stacked_layout's flag)")
-    ap.add_argument("--attention-kernel", action="store_true",
-                    help="with --stacked --cl-convs: the TCE's attention by benchmarks/attention_op.py")
-    ap.add_argument("--no-tma", action="store_true",
-                    help="with --stacked --cl-convs: cl_conv_op's convolutions by pointer loads only (cl_conv_op.TMA)")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import stacked_layout
+
+    stacked_layout.add_layout_flags(ap)  # with --stacked: its layout (--cl-convs, --fused, ...)
     ap.add_argument("--dump-min-us", type=float, default=150.0,
                     help="copy the source of inductor kernels of at least this many microseconds a call to $OUT")
     args = ap.parse_args()
     if args.stacked:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        import stacked_layout
-
         stacked_layout.use_stacked_forward(cl_convs=stacked_layout.configure(sys.argv[1:]))
     dev = torch.device("cuda")
     torch.backends.cudnn.benchmark = True

@@ -648,8 +648,27 @@ def use_stacked_forward(cl_convs: bool = False) -> None:
     BatchedFolds._forward_all_eager = forward
 
 
-_OWN_FLAGS = ("--cl-convs", "--tce-cudnn", "--einsum-1x1", "--fused", "--unaligned", "--strided-windows",
-              "--tce-contiguous", "--attention-kernel", "--no-tma")
+LAYOUT_FLAGS = {
+    "--cl-convs": "channels-last (B, L, K, C) activations, convolutions and max-pooling by cl_conv_op's Triton kernels",
+    "--tce-cudnn": "with --cl-convs: the TCE's convolutions by cuDNN (CL_OUTSIDE off)",
+    "--einsum-1x1": "with --cl-convs: the AFR's 1x1 convolutions as einsum (EINSUM_1X1)",
+    "--fused": "with --cl-convs: the MRCNN's batch norm + GELU by bn_act_op, max-pool + dropout by max_pool_cl (FUSED)",
+    "--unaligned": "with --cl-convs: channels not zero-padded to 16 bytes (ALIGN_CHANNELS 1)",
+    "--strided-windows": "with --cl-convs: the first layers' windows all read in place (ALIGNED_WINDOWS off)",
+    "--tce-contiguous": "with --cl-convs: the TCE's tensors copied to (B, K, T, D) order (TCE_CONTIGUOUS)",
+    "--attention-kernel": "with --cl-convs: the TCE's attention by attention_op (ATTENTION_KERNEL)",
+    "--no-tma": "with --cl-convs: cl_conv_op's convolutions by pointer loads only (cl_conv_op.TMA off)",
+}
+"""The layout's command-line flags and what each does: read by :func:`configure`, declared by
+:func:`add_layout_flags` (``conv_layouts.py``), passed on to the warming children."""
+_OWN_FLAGS = tuple(LAYOUT_FLAGS)
+
+
+def add_layout_flags(parser) -> None:
+    """Declare :data:`LAYOUT_FLAGS` on an ``argparse`` parser (switches), for a script that then calls
+    :func:`configure` with its command line."""
+    for flag, help_text in LAYOUT_FLAGS.items():
+        parser.add_argument(flag, action="store_true", help=help_text)
 
 
 WARM_SHARDS = 6

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import sys
@@ -203,6 +204,27 @@ def test_stacked_layout_configure_sets_the_layout_from_the_flags(monkeypatch):
     assert not stacked.configure(["--tce-cudnn", "--einsum-1x1", "--unaligned", "--strided-windows", "--tce-contiguous"])
     assert [getattr(stacked, n) for n in names] == [False, True, False, 1, False, True, False]
     assert stacked.cl_conv_op.TMA is True
+
+    def layout(flags):
+        cl = stacked.configure(flags)
+        return cl, [getattr(stacked, n) for n in names], stacked.cl_conv_op.TMA
+
+    # every flag of the table that scripts declare (add_layout_flags) changes what configure sets
+    assert set(stacked._OWN_FLAGS) == set(stacked.LAYOUT_FLAGS)
+    assert [flag for flag in stacked.LAYOUT_FLAGS if layout([flag]) == layout([])] == []
+    parser = argparse.ArgumentParser()
+    stacked.add_layout_flags(parser)
+    assert vars(parser.parse_args(["--fused", "--no-tma"])) == {f[2:].replace("-", "_"): f in ("--fused", "--no-tma")
+                                                               for f in stacked.LAYOUT_FLAGS}
+
+
+def test_conv_layouts_declares_the_stacked_layout_flags():
+    import subprocess
+
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "conv_layouts.py"), "--help"], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert all(flag in run.stdout for flag in _load("stacked_layout").LAYOUT_FLAGS)
 
 
 def test_stacked_layout_shares_the_triton_cache_inductor_would_use(monkeypatch):
