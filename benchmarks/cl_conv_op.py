@@ -220,12 +220,13 @@ at every length)."""
 
 
 def _tma_usable(*ts: Tensor) -> bool:
-    """Whether Hopper's bulk tensor copies can read ``ts``: a GPU of compute capability 9 or more (or
-    Triton's interpreter), 16-byte aligned starts and strides, the last axis contiguous."""
+    """Whether Hopper's bulk tensor copies can read ``ts``: a GPU of compute capability 9 or more and
+    2-byte elements (or Triton's interpreter), 16-byte aligned starts and strides, the last axis contiguous."""
     if not TMA:
         return False
     if ts[0].is_cuda:
-        if torch.cuda.get_device_capability(ts[0].device)[0] < 9:
+        # the blocks are sized for 2-byte elements: fp32 tiles overflow the shared memory
+        if torch.cuda.get_device_capability(ts[0].device)[0] < 9 or any(t.element_size() > 2 for t in ts):
             return False
     elif os.environ.get("TRITON_INTERPRET") != "1":
         return False

@@ -130,10 +130,19 @@ def step_timeline(prof, steps, min_us=8.0):
     one = kernels[-per_step:] if per_step else []
     lines = [f"one step's kernels in order ({per_step} kernels, {sum(e.time_range.elapsed_us() for e in one):.0f} us; "
              f"those of >= {min_us:.0f} us):"]
+    short = {}
     for e in one:
         us = e.time_range.elapsed_us()
         if us >= min_us:
             lines.append(f"  {us:8.1f} us  {e.name[:100]}")
+        else:
+            n, total = short.get(e.name[:100], (0, 0.0))
+            short[e.name[:100]] = (n + 1, total + us)
+    # many short kernels cost their launch floor each: which they are, by name
+    lines.append(f"kernels of < {min_us:.0f} us: {sum(n for n, _ in short.values())}, "
+                 f"{sum(t for _, t in short.values()):.0f} us, by name (calls, us):")
+    for name, (n, total) in sorted(short.items(), key=lambda kv: -kv[1][0]):
+        lines.append(f"  {n:4d} {total:8.1f} us  {name}")
     return "\n".join(lines)
 
 
@@ -238,6 +247,7 @@ def main():
     ap.add_argument("--engine-profile-only", action="store_true",
                     help="only profile the batched engine's step (fp32 and bf16)")
     ap.add_argument("--compile", action="store_true", help="with --engine-profile-only: bf16 + torch.compile only")
+    ap.add_argument("--bf16-only", action="store_true", help="with --engine-profile-only: the eager bf16 step only")
     ap.add_argument("--fold-convs", action="store_true",
                     help="with --engine-profile-only --compile: convolutions through benchmarks/fold_conv_op.py")
     ap.add_argument("--stacked", action="store_true",
@@ -246,9 +256,13 @@ def main():
     import stacked_layout
 
     stacked_layout.add_layout_flags(ap)  # with --stacked: its layout (--cl-convs, --fused, ...)
+    from train_speed import add_compile_flags, apply_compile_flags
+
+    add_compile_flags(ap)
     ap.add_argument("--dump-min-us", type=float, default=150.0,
                     help="copy the source of inductor kernels of at least this many microseconds a call to $OUT")
     args = ap.parse_args()
+    apply_compile_flags(args)
     if args.stacked:
         stacked_layout.use_stacked_forward(cl_convs=stacked_layout.configure(sys.argv[1:]))
     dev = torch.device("cuda")
@@ -262,7 +276,7 @@ def main():
                              dump_min_us=args.dump_min_us))
         return
     if args.engine_profile_only:
-        for amp in (False, True):
+        for amp in (True,) if args.bf16_only else (False, True):
             print(f"batched engine, {args.folds} folds, bf16={amp}")
             print(profile_engine(dev, args.folds, amp))
         return

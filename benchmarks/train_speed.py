@@ -127,14 +127,18 @@ class ColdStartReport:
     kernels compiled in this process (the benchmarks' own; inductor compiles its kernels in worker
     processes) and ``torch._dynamo``'s table of compile phases (inductor's autotuning included)."""
 
-    _TIMED = ("_step", "_capture", "_last_batch", "evaluate")
+    # the compiled forward and update are called inside _step: the first step's backward (its
+    # compilation) is what remains of _step's first call
+    _TIMED = ("_step", "_compiled_forward", "_update", "_capture", "_last_batch", "evaluate")
 
     def __init__(self, engine):
         self.engine = engine
         self.calls: dict[str, list[float]] = {}
         self.triton: list[tuple[str, float, bool]] = []
+        self._own = {name: engine.__dict__[name] for name in self._TIMED if name in engine.__dict__}
         for name in self._TIMED:
-            setattr(engine, name, self._timed(name, getattr(engine, name)))
+            if getattr(engine, name, None) is not None:  # no compiled forward without compile
+                setattr(engine, name, self._timed(name, getattr(engine, name)))
         try:
             from triton import knobs
 
@@ -146,6 +150,7 @@ class ColdStartReport:
         """Stop timing (each timed call synchronises the device): the engine's own methods again."""
         for name in self._TIMED:
             self.engine.__dict__.pop(name, None)
+        self.engine.__dict__.update(self._own)  # attributes set by the engine itself, as they were
         try:
             from triton import knobs
 
@@ -175,6 +180,9 @@ class ColdStartReport:
 
     def summary(self) -> dict:
         out = {name: {"calls": len(t), "first_s": t[0], "total_s": sum(t)} for name, t in self.calls.items()}
+        if "_compiled_forward" in out and "_step" in out:
+            inside = out["_compiled_forward"]["first_s"] + out.get("_update", {}).get("first_s", 0.0)
+            out["first_backward_s"] = out["_step"]["first_s"] - inside
         misses = [(n, s) for n, s, hit in self.triton if not hit]
         by_kernel: dict[str, list[float]] = {}
         for n, s in misses:
@@ -197,6 +205,9 @@ class ColdStartReport:
         print("first epoch, wall time by phase (s): " + ", ".join(
             f"{n} {v['first_s']:.2f} first, {v['total_s']:.2f} in {v['calls']} calls"
             for n, v in s.items() if isinstance(v, dict) and "first_s" in v))
+        if "first_backward_s" in s:
+            print(f"first step: compiled forward {s['_compiled_forward']['first_s']:.2f} s (tracing and compiling "
+                  f"included), backward {s['first_backward_s']:.2f} s, update {s.get('_update', {}).get('first_s', 0):.2f} s")
         print(f"Triton kernels compiled in this process: {sum(v['count'] for v in s['triton_compiled_here'].values())}, "
               f"{s['triton_compiled_here_s']:.1f} s: " + ", ".join(
                   f"{n} {v['count']}x {v['s']:.1f} s" for n, v in s["triton_compiled_here"].items()))
@@ -253,6 +264,24 @@ def set_compile_config(setting: str) -> None:
     setattr(target, key, parsed)
 
 
+def add_compile_flags(parser) -> None:
+    """Declare ``--lean-compile`` and ``--compile-config`` (read back by :func:`apply_compile_flags`)."""
+    parser.add_argument("--lean-compile", action="store_true",
+                        help="with --compile: inductor benchmarks no alternative configs of its pointwise kernels, "
+                             "and skips what measured no faster at run time: the reordering of loops after fusion, "
+                             "the size asserts, the FX and AOTAutograd caches (LEAN_COMPILE)")
+    parser.add_argument("--compile-config", action="append", default=[], metavar="MODULE.NAME=VALUE",
+                        help="with --compile: set a torch compiler option, e.g. "
+                             "inductor.loop_ordering_after_fusion=False or "
+                             "functorch.autograd_cache_allow_custom_autograd_functions=True (repeatable)")
+
+
+def apply_compile_flags(args) -> None:
+    """Set the compiler options that :func:`add_compile_flags`' flags ask for (``LEAN_COMPILE`` first)."""
+    for setting in (LEAN_COMPILE if args.lean_compile else ()) + tuple(args.compile_config):
+        set_compile_config(setting)
+
+
 def batched(model_name, x, y, train, test, args, config, epochs):
     t_build = time.perf_counter()
     engine = make_engine(model_name, x, y, train, test, args, config, time_phases=True)
@@ -298,14 +327,7 @@ def main(argv=None):
                    help="with --compile: evaluate eagerly (no second compiled graph)")
     p.add_argument("--cudnn-heuristics", action="store_true",
                    help="cuDNN picks its algorithms by heuristics (no benchmarking of each new shape)")
-    p.add_argument("--lean-compile", action="store_true",
-                   help="with --compile: inductor benchmarks no alternative configs of its pointwise kernels, "
-                        "and skips what measured no faster at run time: the reordering of loops after fusion, "
-                        "the size asserts, the FX and AOTAutograd caches (LEAN_COMPILE)")
-    p.add_argument("--compile-config", action="append", default=[], metavar="MODULE.NAME=VALUE",
-                   help="with --compile: set a torch compiler option, e.g. "
-                        "inductor.loop_ordering_after_fusion=False or "
-                        "functorch.autograd_cache_allow_custom_autograd_functions=True (repeatable)")
+    add_compile_flags(p)
     p.add_argument("--skip-naive", action="store_true")
     p.add_argument("--skip-batched", action="store_true",
                    help="naive loop only (models that cannot run under vmap, e.g. attnsleep_msmp)")
@@ -329,11 +351,7 @@ def main(argv=None):
         import torch._inductor.config as inductor_config
 
         inductor_config.coordinate_descent_tuning = True
-    if args.lean_compile:
-        for setting in LEAN_COMPILE:
-            set_compile_config(setting)
-    for setting in args.compile_config:
-        set_compile_config(setting)
+    apply_compile_flags(args)
     config = get_recipe("attnsleep", batch_size=args.batch, amp=args.amp, progress=False)
     x, y, subject = synthetic_edf20(args.n_samples, args.n_times, args.n_subjects, args.device)
     train, test = paper_like_folds(subject, args.folds)

@@ -225,6 +225,7 @@ def test_conv_layouts_declares_the_stacked_layout_flags():
                          timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert all(flag in run.stdout for flag in _load("stacked_layout").LAYOUT_FLAGS)
+    assert "--lean-compile" in run.stdout and "--compile-config" in run.stdout  # train_speed's, shared
 
 
 def test_stacked_layout_shares_the_triton_cache_inductor_would_use(monkeypatch):
@@ -330,10 +331,45 @@ def test_cold_start_report_times_calls_then_gives_the_engine_its_methods_back():
     engine._step()
     summary = report.summary()
     assert summary["_step"]["calls"] == 2 and summary["_last_batch"]["calls"] == 1 and "evaluate" not in summary
+    assert "first_backward_s" not in summary  # no compiled forward: nothing to split the step by
     report.close()
     assert "_step" not in vars(engine) and engine._step.__func__ is Engine._step
     engine._step()
     assert report.summary()["_step"]["calls"] == 2  # no longer timed
+
+
+def test_cold_start_report_splits_the_first_step_and_restores_the_engines_own_attributes(capsys):
+    import time as time_module
+
+    train_speed = _load("train_speed")
+
+    def forward():
+        time_module.sleep(0.05)
+
+    def update():
+        time_module.sleep(0.02)
+
+    class Engine:
+        device = torch.device("cpu")
+
+        def __init__(self):
+            self._compiled_forward, self._update = forward, update  # set per instance, as BatchedFolds does
+
+        def _step(self):
+            self._compiled_forward()
+            time_module.sleep(0.03)  # the backward
+            self._update()
+
+    engine = Engine()
+    report = train_speed.ColdStartReport(engine)
+    engine._step()
+    summary = report.summary()
+    assert summary["_compiled_forward"]["first_s"] >= 0.05 and summary["_update"]["first_s"] >= 0.02
+    assert 0.03 <= summary["first_backward_s"] < summary["_step"]["first_s"] - 0.07
+    report.print()
+    assert "first step: compiled forward" in capsys.readouterr().out
+    report.close()
+    assert engine._compiled_forward is forward and engine._update is update
 
 
 def test_compile_config_sets_torch_compiler_options_and_names_what_is_wrong():
@@ -358,6 +394,54 @@ def test_compile_config_sets_torch_compiler_options_and_names_what_is_wrong():
         for setting in train_speed.LEAN_COMPILE:  # every option of --lean-compile exists in this torch
             train_speed.set_compile_config(setting)
     assert (inductor_config.fx_graph_cache, functorch_config.enable_autograd_cache) == before  # restored
+
+
+def test_compile_flags_apply_lean_compile_then_each_setting():
+    import argparse
+
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    train_speed = _load("train_speed")
+    parser = argparse.ArgumentParser()
+    train_speed.add_compile_flags(parser)
+    args = parser.parse_args(["--lean-compile", "--compile-config", "inductor.size_asserts=True"])
+    touched = ("size_asserts", "loop_ordering_after_fusion", "fx_graph_cache", "triton.autotune_pointwise")
+    with inductor_config.patch({name: inductor_config.get_config_copy()[name] for name in touched}), \
+            functorch_config.patch(enable_autograd_cache=functorch_config.enable_autograd_cache):
+        train_speed.apply_compile_flags(args)
+        # --lean-compile's options, then the explicit setting over them
+        assert (inductor_config.loop_ordering_after_fusion, inductor_config.size_asserts) == (False, True)
+        inductor_config.size_asserts = not inductor_config.size_asserts
+        train_speed.apply_compile_flags(parser.parse_args([]))  # no flags: nothing set
+        assert inductor_config.size_asserts is False
+
+
+def test_step_timeline_counts_the_short_kernels_by_name():
+    conv_layouts = _load("conv_layouts")
+
+    class Span:
+        def __init__(self, start, us):
+            self.start, self.us = start, us
+
+        def elapsed_us(self):
+            return self.us
+
+    class Event:
+        device_type = "DeviceType.CUDA"
+
+        def __init__(self, name, start, us):
+            self.name, self.time_range = name, Span(start, us)
+
+    class Prof:
+        def events(self):
+            kernels = [("conv", 100.0), ("copy", 2.0), ("cast", 1.5), ("copy", 3.0)]
+            return [Event(n, 10 * i + step * 1000, us) for step in range(2) for i, (n, us) in enumerate(kernels)]
+
+    text = conv_layouts.step_timeline(Prof(), 2)
+    assert "4 kernels, 106 us" in text and "100.0 us  conv" in text
+    assert "kernels of < 8 us: 3, 6 us" in text
+    assert text.index("   2      5.0 us  copy") < text.index("   1      1.5 us  cast")  # most calls first
 
 
 @pytest.mark.slow
@@ -480,6 +564,9 @@ def test_cl_conv_op_matches_conv1d_with_gradients(case):
     gy = torch.randn_like(want)
     torch.testing.assert_close(torch.autograd.grad((got * gy).sum(), (x, w)),
                                torch.autograd.grad((want * gy).sum(), (x, w)))
+    # the weight gradient op: its fake (what torch.compile traces with) has the real shape and dtype
+    torch.library.opcheck(op._conv1d_cl_grad_weight, (gy.detach(), x.detach(), pad, w.shape[-1]),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 WINDOW_CASES = [(2, 3, 60, 8, 3, 5), (3, 2, 130, 20, 5, 4), (2, 2, 50, 9, 9, 3)]  # G, B, L, kernel, stride, O
@@ -594,6 +681,8 @@ for op.TMA in (False, True):  # pointer loads; tensor descriptors where the stri
         pairs = zip((got, *torch.autograd.grad((got * gy).sum(), (x, w))), (want, *torch.autograd.grad((want * gy).sum(), (x, w))))
         for a, b in pairs:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        wgrad_args = (gy.detach().contiguous(), x.detach().contiguous(), pad, w.shape[-1])
+        torch.library.opcheck(op._conv1d_cl_grad_weight, wgrad_args, test_utils=("test_faketensor",))
     if not op.TMA:
         assert not tma_calls
 # forward, input gradient (flip) and weight gradient each by the descriptor kernels, in several cases
@@ -830,3 +919,31 @@ def test_train_speed_runs_with_fold_convs_on_cpu(tmp_path):
     out = train_speed.main(["--device", "cpu", "--n-samples", "120", "--batch", "16", "--folds", "2", "--epochs", "1",
                             "--skip-naive", "--fold-convs", "--json", str(tmp_path / "speed.json")])
     assert out["args"]["fold_convs"] and out["batched_s_per_fold_epoch"] > 0
+
+
+def test_tma_only_for_two_byte_elements_on_the_gpu(monkeypatch):
+    """On a GPU the descriptor kernels' blocks are sized for bf16: fp32 tensors (an fp32 run of the
+    layout, e.g. the engine profile's) go to the pointer kernels instead of overflowing shared memory."""
+    pytest.importorskip("triton")
+    op = _load("cl_conv_op")
+
+    class OnGpu:  # what _tma_usable reads of a CUDA tensor
+        def __init__(self, t):
+            self.t, self.is_cuda, self.device = t, True, "cuda:0"
+
+        def element_size(self):
+            return self.t.element_size()
+
+        def stride(self, *dim):
+            return self.t.stride(*dim)
+
+        def data_ptr(self):
+            return 0
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    bf16, fp32 = torch.zeros(2, 4, 16, dtype=torch.bfloat16), torch.zeros(2, 4, 16)
+    assert op._tma_usable(OnGpu(bf16), OnGpu(bf16))
+    assert not op._tma_usable(OnGpu(fp32), OnGpu(fp32))
+    assert not op._tma_usable(OnGpu(bf16), OnGpu(fp32))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert not op._tma_usable(OnGpu(bf16), OnGpu(bf16))
