@@ -123,7 +123,8 @@ def make_engine(model_name, x, y, train, test, args, config, time_phases=False):
 
 class ColdStartReport:
     """Where a process's first epoch goes: wall time of the engine's eager steps (the first calls
-    compile), the CUDA-graph capture, the short last batches and the evaluations; the Triton
+    compile), split in the first into the compiled forward, the backward and the optimiser update;
+    the CUDA-graph capture, the short last batches and the evaluations; the Triton
     kernels compiled in this process (the benchmarks' own; inductor compiles its kernels in worker
     processes) and ``torch._dynamo``'s table of compile phases (inductor's autotuning included)."""
 
