@@ -355,10 +355,12 @@ def _check(x: Tensor, what: str) -> None:
 
 
 def _run_conv(x: Tensor, w: Tensor, w_strides: tuple, flip: bool, pad: int, l_out: int, O: int,
-              taps: int, tma: bool = True) -> Tensor:
+              taps: int, tma: bool = True, blocks: tuple | None = None) -> Tensor:
     """``x (G, B, L, C)`` channels contiguous, weights ``w`` read as ``(G, taps, C, O)`` through
     ``w_strides`` -> ``(G, B, l_out, O)``. ``tma``: by :func:`_run_conv_tma` where it can (not for
-    the first layers' overlapping windows, which a tensor map is not documented to allow)."""
+    the first layers' overlapping windows, which a tensor map is not documented to allow).
+    ``blocks``: the pointer kernel's (BM, BN, BK, warps, stages) on a GPU instead of
+    :func:`_conv_blocks`' (``conv_tma_probe.py``)."""
     import triton
 
     _check(x, "x")
@@ -370,11 +372,11 @@ def _run_conv(x: Tensor, w: Tensor, w_strides: tuple, flip: bool, pad: int, l_ou
     M = B * l_out
     args = (x, w, y, M, L, l_out, C, O, pad,
             x.stride(0), x.stride(1), x.stride(2), *w_strides, y.stride(0), y.stride(1), y.stride(2))
-    if x.is_cuda and _autotune():
+    if x.is_cuda and _autotune() and blocks is None:
         conv_cl[lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(O, meta["BN"]), G)](
             *args, TAPS=taps, FLIP=flip, X_ALIGN=_row_alignment(x))
     elif x.is_cuda:
-        BM, BN, BK, warps, stages = _conv_blocks(M, C, O, taps)
+        BM, BN, BK, warps, stages = blocks or _conv_blocks(M, C, O, taps)
         conv_cl.fn[(triton.cdiv(M, BM), triton.cdiv(O, BN), G)](*args, TAPS=taps, FLIP=flip, X_ALIGN=_row_alignment(x),
                                                                BM=BM, BN=BN, BK=BK, num_warps=warps, num_stages=stages)
     else:  # the interpreter

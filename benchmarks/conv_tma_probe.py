@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -41,26 +40,29 @@ def wgrad_tma_run(gy, x, pad, k, BK=64, warps=8, stages=3):
 
 
 def _pointer(x, w, pad, l_out, flip, cfg=None):
-    """cl_conv_op's pointer kernel, with its block table or the blocks ``cfg``."""
-    import triton
-
-    conv_cl, _ = cl_conv_op._kernels()
-    G, B, L, C = x.shape
+    """cl_conv_op's pointer kernel, with its block table or the blocks ``cfg``; ``pad`` and ``l_out``
+    as in :func:`conv_tma_run`."""
     k = w.shape[1]
-    if flip:
+    if flip:  # the input gradient's form, as cl_conv_op._grad_input_kernel reads the weights
         s_g, s_j, s_c, s_o = w.stride()
-        w_strides, O, p = (s_g, s_j, s_o, s_c), w.shape[2], k - 1 - pad
-    else:
-        w_strides, O, p = w.stride(), w.shape[3], pad
-    y = cl_conv_op.empty_cl(G, B, l_out, O, like=x)
-    M = B * l_out
-    BM, BN, BK, warps, stages = cfg or cl_conv_op._conv_blocks(M, C, O, k)
-    fn = conv_cl.fn if hasattr(conv_cl, "fn") else conv_cl
-    fn[(triton.cdiv(M, BM), triton.cdiv(O, BN), G)](
-        x, w, y, M, L, l_out, C, O, p, x.stride(0), x.stride(1), x.stride(2), *w_strides,
-        y.stride(0), y.stride(1), y.stride(2), TAPS=k, FLIP=flip, X_ALIGN=8, BM=BM, BN=BN, BK=BK,
-        num_warps=warps, num_stages=stages)
-    return y
+        return cl_conv_op._run_conv(x, w, (s_g, s_j, s_o, s_c), True, k - 1 - pad, l_out, w.shape[2], k,
+                                    tma=False, blocks=cfg)
+    return cl_conv_op._run_conv(x, w, w.stride(), False, pad, l_out, w.shape[3], k, tma=False, blocks=cfg)
+
+
+def _sweep(label, configs, run):
+    """Microseconds of ``run(cfg)`` for each of ``configs`` (inf where it fails: out of shared memory
+    and the like), printed; returns the fastest ``(cfg, us)``."""
+    times = {}
+    for cfg in configs:
+        try:
+            times[cfg] = _bench(lambda: run(cfg), reps=20)
+        except Exception as e:  # noqa: BLE001 - a sweep: report the config and go on
+            print(label, cfg, type(e).__name__, str(e)[:200], flush=True)
+            times[cfg] = float("inf")
+    print(label, "blocks:", {str(c): round(t, 1) for c, t in times.items()}, flush=True)
+    best = min(times, key=times.get)
+    return best, times[best]
 
 
 def _bench(fn, reps=50):
@@ -106,6 +108,8 @@ def main(argv=None) -> None:
             "fwd": _rel(conv_tma_run(x, w, pad, l_out, **blocks), ref_y),
             "dgrad": _rel(conv_tma_run(gy, w, pad, L, flip=True, **{**blocks, "BN": min(C, 128) if not args.check else C, "BK": min(O, 64)}), ref_gx),
             "wgrad": _rel(wgrad_tma_run(gy, x, pad, k, **wblocks), ref_gw),
+            "fwd_pointer": _rel(_pointer(x, w, pad, l_out, False), ref_y),
+            "dgrad_pointer": _rel(_pointer(gy, w, pad, L, True), ref_gx),
         }
         print(f"{name}: relative max error vs reference {checks}")
         if args.check:
@@ -117,62 +121,21 @@ def main(argv=None) -> None:
         row["wgrad_pointer_us"] = _bench(lambda: cl_conv_op._grad_weight_kernel(gy, x, pad, k, tma=False))
         wide = [(bm, 128, bk, 8, st) for bm in (128, 256) for bk in (64, 128) for st in (2, 3, 4)
                 if not (bk == 128 and st == 4)]
-        best = {}
-        for kind, fn in (("fwd", lambda cfg: _pointer(x, w, pad, l_out, False, cfg)),
-                         ("dgrad", lambda cfg: _pointer(gy, w, pad, L, True, cfg))):
-            times = {}
-            for cfg in wide:
-                if kind == "dgrad" and C < cfg[2]:
-                    continue
-                try:
-                    times[cfg] = _bench(lambda: fn(cfg), reps=20)
-                except Exception as e:  # out of shared memory and the like
-                    print(kind, cfg, type(e).__name__, str(e)[:200], flush=True)
-                    times[cfg] = float("inf")
-            b = min(times, key=times.get)
-            best[kind] = (b, times[b])
-            print(kind, "pointer kernel, blocks:", {str(c): round(t, 1) for c, t in times.items()}, flush=True)
-        row["fwd_pointer_best"] = best["fwd"]
-        row["dgrad_pointer_best"] = best["dgrad"]
+        row["fwd_pointer_best"] = _sweep("fwd pointer kernel,", wide, lambda cfg: _pointer(x, w, pad, l_out, False, cfg))
+        row["dgrad_pointer_best"] = _sweep("dgrad pointer kernel,", [c for c in wide if c[2] <= C],
+                                           lambda cfg: _pointer(gy, w, pad, L, True, cfg))
         tma = {}
         for kind in ("fwd", "dgrad"):
-            times = {}
-            c_in = C if kind == "fwd" else O
-            for bm in (128, 256):
-                for bk in (64, 128):
-                    if bk > c_in:
-                        continue
-                    for wp in (4, 8):
-                        for st in (3, 4):
-                            if bm == 256 and wp == 4:
-                                continue
-                            bn = 128 if kind == "fwd" else C
-                            cfg = dict(BM=bm, BN=bn, BK=bk, warps=wp, stages=st)
-                            try:
-                                if kind == "fwd":
-                                    f = lambda: conv_tma_run(x, w, pad, l_out, **cfg)  # noqa: E731
-                                else:
-                                    f = lambda: conv_tma_run(gy, w, pad, L, flip=True, **cfg)  # noqa: E731
-                                times[tuple(cfg.values())] = _bench(f, reps=20)
-                            except Exception as e:
-                                print(kind, cfg, type(e).__name__, str(e)[:200], flush=True)
-                                times[tuple(cfg.values())] = float("inf")
-            b = min(times, key=times.get)
-            tma[kind] = (b, times[b])
-            print(kind, "descriptor kernel, blocks:", {str(c): round(t, 1) for c, t in times.items()}, flush=True)
-        wtimes = {}
-        for bk in (64, 128):
-            for wp in (4, 8):
-                for st in (3, 4):
-                    cfg = dict(BK=bk, warps=wp, stages=st)
-                    try:
-                        wtimes[(bk, wp, st)] = _bench(lambda: wgrad_tma_run(gy, x, pad, k, **cfg), reps=20)
-                    except Exception as e:
-                        print("wgrad", cfg, type(e).__name__, str(e)[:200], flush=True)
-                        wtimes[(bk, wp, st)] = float("inf")
-        b = min(wtimes, key=wtimes.get)
-        print("wgrad descriptor kernel, blocks:", {str(c): round(t, 1) for c, t in wtimes.items()}, flush=True)
-        tma["wgrad"] = (b, wtimes[b])
+            c_in, bn = (C, 128) if kind == "fwd" else (O, C)
+            configs = [(bm, bn, bk, wp, st) for bm in (128, 256) for bk in (64, 128) if bk <= c_in
+                       for wp in (4, 8) for st in (3, 4) if not (bm == 256 and wp == 4)]
+            if kind == "fwd":
+                tma[kind] = _sweep("fwd descriptor kernel,", configs, lambda cfg: conv_tma_run(x, w, pad, l_out, False, *cfg))
+            else:
+                tma[kind] = _sweep("dgrad descriptor kernel,", configs,
+                                   lambda cfg: conv_tma_run(gy, w, pad, L, True, *cfg))
+        tma["wgrad"] = _sweep("wgrad descriptor kernel,", [(bk, wp, st) for bk in (64, 128) for wp in (4, 8) for st in (3, 4)],
+                              lambda cfg: wgrad_tma_run(gy, x, pad, k, *cfg))
         row["tma_best"] = tma
         # cuDNN's dense convolution of the same size (one weight for all G*B samples): a bound
         torch.backends.cudnn.benchmark = True

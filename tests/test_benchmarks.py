@@ -405,13 +405,15 @@ def test_compile_flags_apply_lean_compile_then_each_setting():
     train_speed = _load("train_speed")
     parser = argparse.ArgumentParser()
     train_speed.add_compile_flags(parser)
-    args = parser.parse_args(["--lean-compile", "--compile-config", "inductor.size_asserts=True"])
-    touched = ("size_asserts", "loop_ordering_after_fusion", "fx_graph_cache", "triton.autotune_pointwise")
+    args = parser.parse_args(["--lean-compile", "--coordinate-descent", "--compile-config", "inductor.size_asserts=True"])
+    touched = ("size_asserts", "loop_ordering_after_fusion", "fx_graph_cache", "triton.autotune_pointwise",
+               "coordinate_descent_tuning")
     with inductor_config.patch({name: inductor_config.get_config_copy()[name] for name in touched}), \
             functorch_config.patch(enable_autograd_cache=functorch_config.enable_autograd_cache):
         train_speed.apply_compile_flags(args)
         # --lean-compile's options, then the explicit setting over them
         assert (inductor_config.loop_ordering_after_fusion, inductor_config.size_asserts) == (False, True)
+        assert inductor_config.coordinate_descent_tuning is True
         inductor_config.size_asserts = not inductor_config.size_asserts
         train_speed.apply_compile_flags(parser.parse_args([]))  # no flags: nothing set
         assert inductor_config.size_asserts is False
@@ -947,3 +949,33 @@ def test_tma_only_for_two_byte_elements_on_the_gpu(monkeypatch):
     assert not op._tma_usable(OnGpu(bf16), OnGpu(fp32))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert not op._tma_usable(OnGpu(bf16), OnGpu(bf16))
+
+
+def test_conv_tma_probe_checks_both_kernels_in_the_interpreter():
+    """``conv_tma_probe.py --check``: descriptor and pointer kernels (the latter through cl_conv_op's
+    own launcher, with the probe's blocks) against the reference."""
+    pytest.importorskip("triton")
+    _run_interpreted(f"""
+import re, runpy, sys, io, contextlib
+sys.argv = ["conv_tma_probe.py", "--check"]
+out = io.StringIO()
+with contextlib.redirect_stdout(out):
+    runpy.run_path({str(BENCHMARKS / "conv_tma_probe.py")!r}, run_name="__main__")
+errors = [float(v) for v in re.findall(r"'\\w+': ([0-9.e-]+)", out.getvalue())]
+assert len(errors) == 10 and max(errors) < 1e-4, out.getvalue()
+print("ok")
+""")
+
+
+def test_conv_tma_probe_sweep_reports_failures_and_keeps_the_fastest(monkeypatch, capsys):
+    probe = _load("conv_tma_probe")
+    monkeypatch.setattr(probe, "_bench", lambda fn, reps=50: fn())
+
+    def run(cfg):
+        if cfg == "too big":
+            raise RuntimeError("out of resource: shared memory")
+        return {"a": 3.0, "b": 1.5}[cfg]
+
+    assert probe._sweep("fwd", ["a", "too big", "b"], run) == ("b", 1.5)
+    out = capsys.readouterr().out
+    assert "fwd too big RuntimeError out of resource" in out and "'too big': inf" in out
