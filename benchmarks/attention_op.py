@@ -189,7 +189,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, do, _dlse):
     q, k, v, lse, seed = ctx.saved_tensors
-    if not kernels_usable(q):  # the reference's forward ran: differentiate it again (no dropout mask kept)
+    if not kernels_usable(q):  # the reference's forward ran and kept no dropout mask to differentiate
         raise RuntimeError("attention_cl's backward needs its Triton kernels (CUDA or TRITON_INTERPRET=1); "
                            "without them use attention_reference")
     dq, dk, dv = _attention_cl_backward(do, q, k, v, lse, ctx.heads, ctx.drop, seed)

@@ -266,7 +266,11 @@ def set_compile_config(setting: str) -> None:
 
 
 def add_compile_flags(parser) -> None:
-    """Declare ``--lean-compile`` and ``--compile-config`` (read back by :func:`apply_compile_flags`)."""
+    """Declare ``--lean-compile``, ``--coordinate-descent`` and ``--compile-config`` (read back by
+    :func:`apply_compile_flags`)."""
+    parser.add_argument("--coordinate-descent", action="store_true",
+                        help="with --compile: let inductor tune its kernels' block sizes "
+                             "(--compile-config inductor.coordinate_descent_tuning=True)")
     parser.add_argument("--lean-compile", action="store_true",
                         help="with --compile: inductor benchmarks no alternative configs of its pointwise kernels, "
                              "and skips what measured no faster at run time: the reordering of loops after fusion, "
@@ -278,8 +282,12 @@ def add_compile_flags(parser) -> None:
 
 
 def apply_compile_flags(args) -> None:
-    """Set the compiler options that :func:`add_compile_flags`' flags ask for (``LEAN_COMPILE`` first)."""
-    for setting in (LEAN_COMPILE if args.lean_compile else ()) + tuple(args.compile_config):
+    """Set the compiler options that :func:`add_compile_flags`' flags ask for (``LEAN_COMPILE`` first,
+    ``--compile-config``'s last)."""
+    settings = (*(LEAN_COMPILE if args.lean_compile else ()),
+                *(("inductor.coordinate_descent_tuning=True",) if args.coordinate_descent else ()),
+                *args.compile_config)
+    for setting in settings:
         set_compile_config(setting)
 
 
@@ -320,8 +328,6 @@ def main(argv=None):
     p.add_argument("--bn-bf16", action="store_true", help="with --amp bf16: BatchNorm in bf16 too")
     p.add_argument("--fold-convs", action="store_true",
                    help="convolutions through benchmarks/fold_conv_op.py (Triton kernels on CUDA; measured slower)")
-    p.add_argument("--coordinate-descent", action="store_true",
-                   help="with --compile: let inductor tune its kernels' block sizes (coordinate_descent_tuning)")
     p.add_argument("--cold-start-report", action="store_true",
                    help="print where the first epoch's time goes (eager steps, capture, compilation phases, Triton)")
     p.add_argument("--eager-eval", action="store_true",
@@ -348,10 +354,6 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    if args.coordinate_descent:
-        import torch._inductor.config as inductor_config
-
-        inductor_config.coordinate_descent_tuning = True
     apply_compile_flags(args)
     config = get_recipe("attnsleep", batch_size=args.batch, amp=args.amp, progress=False)
     x, y, subject = synthetic_edf20(args.n_samples, args.n_times, args.n_subjects, args.device)
