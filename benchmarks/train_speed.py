@@ -310,6 +310,22 @@ def batched(model_name, x, y, train, test, args, config, epochs):
     return engine, build, epoch_times
 
 
+def weights_digest(engine) -> str:
+    """A digest of every fold's weights, to tell whether two runs trained alike (on a GPU, atomics
+    in some reductions make them differ in their last bits from run to run)."""
+    import hashlib
+
+    return hashlib.sha256(engine.flat.detach().cpu().numpy().tobytes()).hexdigest()[:16]
+
+
+def rng_offset(engine):
+    """The device generator's Philox offset after the run: how many random numbers it drew, which
+    repeats from run to run where the weights' last bits may not."""
+    if engine.device.type != "cuda":
+        return None
+    return int(torch.cuda.default_generators[engine.device.index or 0].get_offset())
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -382,6 +398,7 @@ def main(argv=None):
                steps_per_epoch=engine.steps_per_epoch, projected_schedule_s=projected,
                peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None)
     out["phase_times"] = engine.phase_times
+    out["weights_sha256"], out["cuda_rng_offset"] = weights_digest(engine), rng_offset(engine)
     if getattr(engine, "cold_start", None):
         out["cold_start"] = engine.cold_start
     last = engine.phase_times[-1]
@@ -460,6 +477,7 @@ def run_full_schedule(args, x, y, subject, config):
                          if p["first_epoch_s"] and p["steady_epoch_s"])
         outcomes = eng.outcomes()
         res.update(measured_schedule_s=total, measured_schedule_one_process_s=total - recompiles,
+                   weights_sha256=weights_digest(eng), cuda_rng_offset=rng_offset(eng),
                    best_epochs=[o.best_epoch for o in outcomes],
                    final_train_loss=[float(o.history["train_loss"].iloc[-1]) for o in outcomes])
         print(f"measured {args.schedule_folds} x {args.schedule_epochs} schedule: {total:.0f} s ({total / 60:.1f} min) "

@@ -204,6 +204,35 @@ def test_batched_folds_compiled_forward_matches_eager():
         np.testing.assert_allclose(np.stack(val_loss[variant]), np.stack(val_loss["eager"]), rtol=1e-4)
 
 
+def test_batched_folds_capture_the_step_graph_in_a_resumed_run_too(tmp_path):
+    """The step is captured after a few eager steps of each process, not only in epoch 1: a run
+    resumed from a checkpoint used to train every step eagerly. CUDA graphs stood in for by a
+    capture that records and a replay that runs the step (CPU)."""
+    x, y = _data(200)
+    train, evals = [np.arange(0, 150), np.arange(50, 200)], [np.arange(150, 200), np.arange(0, 50)]
+    cfg = CFG.replace(epochs=3)
+
+    def engine():
+        eng = BatchedFolds(lambda: TinyNet(dropout=0.0), x, y, train, evals, None, cfg, last_batch="drop")
+        eng.use_graphs, eng.captures = True, []
+
+        def capture():
+            eng.captures.append((eng.epoch, int(eng.step_idx)))
+            eng.graph = type("Replay", (), {"replay": staticmethod(eng._step)})()
+
+        eng._capture = capture
+        return eng
+
+    straight = engine()
+    straight.fit()
+    first = engine()
+    first.fit(epochs=2, checkpoint=tmp_path / "state.pt")
+    resumed = engine()
+    resumed.fit(checkpoint=tmp_path / "state.pt")
+    assert straight.captures == first.captures == [(1, 3)] and resumed.captures == [(3, 3)]
+    torch.testing.assert_close(resumed.flat, straight.flat)
+
+
 def test_batched_engine_falls_back_to_eager_for_models_vmap_cannot_run(tmp_path, monkeypatch):
     import sleeplib.models as models
 

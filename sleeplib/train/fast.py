@@ -245,6 +245,7 @@ class BatchedFolds:
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.graph = None
         self._eager_steps_before_capture = 3
+        self._uncaptured_steps = 0  # steps this process ran eagerly: the step graph is captured after a warm-up
         self._last_batch_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._last_batch_warm: set[int] = set()
         # fuse the forward (and its backward) and, separately, the optimiser update, which eagerly
@@ -416,11 +417,13 @@ class BatchedFolds:
         for s in range(self.steps_per_epoch):
             if self.use_graphs and self.graph is not None:
                 self.graph.replay()
-            elif self.use_graphs and s == self._eager_steps_before_capture and self.epoch == 1:
+            elif self.use_graphs and self._uncaptured_steps == self._eager_steps_before_capture:
+                # counted, not tied to epoch 1: a run resumed from a checkpoint captures it too
                 self._capture()
                 self.graph.replay()
             else:
                 self._step()
+                self._uncaptured_steps += 1
         t_steps = self._phase_clock()
         if self.last_batch == "exact":
             alive = self.alive.cpu().numpy()
