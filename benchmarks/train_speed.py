@@ -130,7 +130,7 @@ class ColdStartReport:
 
     # the compiled forward and update are called inside _step: the first step's backward (its
     # compilation) is what remains of _step's first call
-    _TIMED = ("_step", "_compiled_forward", "_update", "_capture", "_last_batch", "evaluate")
+    _TIMED = ("_step", "_compiled_forward", "_update", "_capture", "_last_batches", "evaluate")
 
     def __init__(self, engine):
         self.engine = engine

@@ -233,6 +233,50 @@ def test_batched_folds_capture_the_step_graph_in_a_resumed_run_too(tmp_path):
     torch.testing.assert_close(resumed.flat, straight.flat)
 
 
+def test_batched_folds_short_last_batch_writes_its_own_folds_rows_only():
+    """A fold's short last batch writes only that fold's rows of the parameters, Adam state,
+    batch-norm buffers and sums (not other rows, not even with their old values): what lets CUDA
+    graphs run all folds' side by side. Every in-place write is recorded as it is dispatched."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    x, y = _data(200)
+    train, evals = [np.arange(0, 150), np.arange(50, 190), np.arange(20, 180)], [np.arange(150, 200)] * 3
+    engine = BatchedFolds(lambda: TinyNet(dropout=0.0), x, y, train, evals, None, CFG.replace(amsgrad=True))
+    shared = {"flat": engine.flat, "exp_avg": engine.exp_avg, "exp_avg_sq": engine.exp_avg_sq,
+              "max_exp_avg_sq": engine.max_exp_avg_sq, "adam_step": engine.adam_step, "loss_sum": engine.loss_sum,
+              "correct": engine.correct, "seen": engine.seen, **engine.buffers}
+    writes = []
+
+    class RecordWrites(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            for arg, value in zip(func._schema.arguments, list(args) + [kwargs.get(a.name) for a in
+                                                                      func._schema.arguments[len(args):]]):
+                if arg.alias_info is not None and arg.alias_info.is_write and isinstance(value, torch.Tensor):
+                    writes.append((value.untyped_storage().data_ptr(), value.storage_offset(), value.shape,
+                                   value.stride()))
+            return func(*args, **kwargs)
+
+    before = {n: t.detach().clone() for n, t in shared.items()}
+    with RecordWrites():
+        engine._step_one_fold(1, torch.arange(140 - 12, 140))
+    by_storage = {t.untyped_storage().data_ptr(): (n, t) for n, t in shared.items()}
+    touched = set()
+    for ptr, offset, shape, stride in writes:
+        if ptr not in by_storage:
+            continue  # the step's own temporaries
+        name, t = by_storage[ptr]
+        row = t.stride(0)
+        last = offset + sum((n - 1) * st for n, st in zip(shape, stride))
+        assert row <= offset and last < 2 * row, f"{name}: a write outside fold 1's row"
+        touched.add(name)
+    # batch norm's running statistics are written by native_batch_norm, whose schema does not mark
+    # them written: they are views of fold 1's rows (bufs in _step_one_fold); checked by value below
+    assert set(shared) - set(engine.buffers) <= touched
+    for name, t in shared.items():  # and it did train fold 1
+        assert not torch.equal(t.detach()[1], before[name][1]), name
+
+
 def test_batched_engine_falls_back_to_eager_for_models_vmap_cannot_run(tmp_path, monkeypatch):
     import sleeplib.models as models
 
@@ -256,8 +300,9 @@ def test_auto_engine_is_eager_on_cpu(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 def test_batched_folds_graphed_short_last_batches_train_as_eager():
-    """On CUDA the main step and each fold's short last batch replay CUDA graphs (the last batches
-    from epoch 2 on: epoch 1 warms them up); the weights must follow the eager run's."""
+    """On CUDA the main step and the folds' short last batches (side by side, on streams of their
+    own) replay CUDA graphs (the last batches from epoch 2 on: epoch 1 warms them up); the weights
+    must follow the eager run's."""
     x, y = _data(200)
     train = [np.arange(0, 150), np.arange(50, 190)]  # 150 and 140 epochs: short last batches of 22 and 12
     evals = [np.arange(150, 200), np.arange(0, 50)]
@@ -267,5 +312,5 @@ def test_batched_folds_graphed_short_last_batches_train_as_eager():
                               device="cuda", cuda_graphs=graphs)
         engine.fit()
         flats[graphs] = engine.flat.detach().cpu()
-        assert len(engine._last_batch_graphs) == (2 if graphs else 0)
+        assert list(engine._last_batch_graphs) == ([(0, 1)] if graphs else [])  # both folds, one graph
     torch.testing.assert_close(flats[True], flats[False], rtol=1e-4, atol=1e-5)

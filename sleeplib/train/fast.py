@@ -246,8 +246,9 @@ class BatchedFolds:
         self.graph = None
         self._eager_steps_before_capture = 3
         self._uncaptured_steps = 0  # steps this process ran eagerly: the step graph is captured after a warm-up
-        self._last_batch_graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._last_batch_warm: set[int] = set()
+        self._last_batch_graphs: dict[tuple, torch.cuda.CUDAGraph] = {}  # by the folds it trains
+        self._last_batch_warm: set[tuple] = set()
+        self._one = torch.ones(1, device=self.device)
         # fuse the forward (and its backward) and, separately, the optimiser update, which eagerly
         # is some 30 element-wise kernels over the (K, P) matrices every step
         self._compiled_forward = torch.compile(self._forward_all_eager, dynamic=False) if compile else None
@@ -287,26 +288,30 @@ class BatchedFolds:
         w = cw.gather(1, yb)
         return (w * nll).sum(-1) / w.sum(-1)
 
-    def _adam(self, grad: torch.Tensor, mask: torch.Tensor) -> None:
-        """Masked Adam/AdamW (AMSGrad optional) on the (K, P) matrix, torch.optim.Adam's formulas."""
+    def _adam(self, grad: torch.Tensor, mask: torch.Tensor, rows: int | slice = slice(None)) -> None:
+        """Masked Adam/AdamW (AMSGrad optional), torch.optim.Adam's formulas: on the (K, P) matrix
+        (``grad`` (K, P), ``mask`` (K, 1)) or on fold ``rows`` alone (``grad`` (P,), ``mask`` (1,)),
+        whose state is then read and written through views of its rows only."""
         c = self.config
         b1, b2 = c.betas
-        p = self.flat.detach()
+        p = self.flat.detach()[rows]
+        exp_avg, exp_avg_sq, adam_step = self.exp_avg[rows], self.exp_avg_sq[rows], self.adam_step[rows]
         if c.grad_clip is not None:
-            norm = grad.norm(dim=1, keepdim=True)
+            norm = grad.norm(dim=-1, keepdim=True)
             grad = grad * (c.grad_clip / (norm + 1e-6)).clamp(max=1.0)
-        step = self.adam_step + mask
-        lr = self.base_lr * self.lr_factor
+        step = adam_step + mask
+        lr = self.base_lr * self.lr_factor[rows]
         if c.optimizer == "adam":
             grad = grad + self.wd * p
             new_p = p
         else:  # adamw: decoupled decay
             new_p = p * (1 - lr * self.wd)
-        m = torch.lerp(self.exp_avg, grad, 1 - b1)
-        v = self.exp_avg_sq * b2 + (1 - b2) * grad * grad
+        m = torch.lerp(exp_avg, grad, 1 - b1)
+        v = exp_avg_sq * b2 + (1 - b2) * grad * grad
         if self.max_exp_avg_sq is not None:
-            vmax = torch.maximum(self.max_exp_avg_sq, v)
-            self.max_exp_avg_sq.copy_(torch.where(mask.bool(), vmax, self.max_exp_avg_sq))
+            max_exp_avg_sq = self.max_exp_avg_sq[rows]
+            vmax = torch.maximum(max_exp_avg_sq, v)
+            max_exp_avg_sq.copy_(torch.where(mask.bool(), vmax, max_exp_avg_sq))
             v_used = vmax
         else:
             v_used = v
@@ -317,9 +322,9 @@ class BatchedFolds:
         new_p = new_p - (lr / bc1) * m / denom
         keep = mask.bool()
         p.copy_(torch.where(keep, new_p, p))
-        self.exp_avg.copy_(torch.where(keep, m, self.exp_avg))
-        self.exp_avg_sq.copy_(torch.where(keep, v, self.exp_avg_sq))
-        self.adam_step.copy_(step)
+        exp_avg.copy_(torch.where(keep, m, exp_avg))
+        exp_avg_sq.copy_(torch.where(keep, v, exp_avg_sq))
+        adam_step.copy_(step)
 
     def _autocast(self):
         import contextlib
@@ -357,43 +362,60 @@ class BatchedFolds:
         self.step_idx += 1
 
     def _step_one_fold(self, k: int, idx: torch.Tensor) -> None:
-        """The short last batch of fold k, alone (exact BatchNorm statistics)."""
+        """The short last batch of fold k, alone (exact BatchNorm statistics). It reads and writes
+        fold k's rows of the state only, so the folds' last batches can run side by side."""
         from torch.func import functional_call
 
         xb, yb = self.x[idx], self.y[idx]
-        params = {n: p[k] for n, p in self._params(self.flat).items()}
+        row = self.flat.detach()[k].clone().requires_grad_(True)  # the gradient of fold k's parameters only
+        params = self._params(row)
         bufs = {n: b[k] for n, b in self.buffers.items()}  # views: BatchNorm updates land in place
         self.skeleton.train()
         with self._autocast():
             logits = functional_call(self.skeleton, (params, bufs), (xb,))
         loss = self._fold_losses(logits.unsqueeze(0), yb.unsqueeze(0), self.class_weights[k:k + 1])[0]
-        (grad,) = torch.autograd.grad(loss, self.flat)
-        mask = torch.zeros(self.K, 1, device=self.device)
-        mask[k] = 1.0
+        (grad,) = torch.autograd.grad(loss, row)
         with torch.no_grad():
-            self._adam(grad, mask)
+            self._adam(grad, self._one, rows=k)
             self.loss_sum[k] += loss.detach() * len(yb)
             self.correct[k] += (logits.argmax(-1) == yb).sum().float()
             self.seen[k] += len(yb)
 
-    def _last_batch(self, k: int, start: int) -> None:
-        """Fold k's short last batch; on CUDA graphs, replayed from a graph of its own.
+    def _last_batches(self) -> None:
+        """Every live fold's short last batch; on CUDA graphs, all replayed from one graph, each fold
+        on a stream of its own.
 
-        Its size is the same every epoch, so after one eager run in this process (the warm-up CUDA
-        graphs need) the step is captured once and replayed: eagerly, a batch of one fold is
-        launch-bound (some 15 ms on an H100 for about 1 ms of GPU work).
+        Their sizes are the same every epoch, so after one eager run in this process (the warm-up
+        CUDA graphs need) the steps are captured once and replayed: eagerly, a batch of one fold is
+        launch-bound (some 15 ms on an H100 for about 1 ms of GPU work), and one after another
+        even graphed (some 4 ms each, 0.08 s an epoch of AttnSleep's 20 folds, benchmarks/RESULTS.md
+        step 12); side by side they share the device.
         """
-        idx = self.perm[k, start:int(self.n_train[k])]  # a view: replays read each epoch's new order
-        if not self.use_graphs or k not in self._last_batch_warm:
-            self._last_batch_warm.add(k)
-            self._step_one_fold(k, idx)
+        alive = self.alive.cpu().numpy()
+        folds = tuple(k for k in range(self.K) if alive[k] and self.n_full[k] * self.B < self.n_train[k])
+        if not folds:
             return
-        graph = self._last_batch_graphs.get(k)
-        if graph is None:
+        # views of perm: replays read each epoch's new order
+        idx = {k: self.perm[k, int(self.n_full[k]) * self.B:int(self.n_train[k])] for k in folds}
+        if not self.use_graphs or folds not in self._last_batch_warm:
+            self._last_batch_warm.add(folds)
+            for k in folds:
+                self._step_one_fold(k, idx[k])
+            return
+        graph = self._last_batch_graphs.get(folds)
+        if graph is None:  # first epoch of these folds (early stopping changes them): capture
             torch.cuda.synchronize(self.device)
-            graph = self._last_batch_graphs[k] = torch.cuda.CUDAGraph()
+            self._last_batch_graphs = {folds: torch.cuda.CUDAGraph()}
+            graph = self._last_batch_graphs[folds]
+            streams = [torch.cuda.Stream(self.device) for _ in folds]
             with torch.cuda.graph(graph):
-                self._step_one_fold(k, idx)
+                joined = torch.cuda.current_stream(self.device)
+                for k, stream in zip(folds, streams):
+                    stream.wait_stream(joined)
+                    with torch.cuda.stream(stream):
+                        self._step_one_fold(k, idx[k])
+                for stream in streams:
+                    joined.wait_stream(stream)
         graph.replay()
 
     def _new_order(self) -> None:
@@ -426,11 +448,7 @@ class BatchedFolds:
                 self._uncaptured_steps += 1
         t_steps = self._phase_clock()
         if self.last_batch == "exact":
-            alive = self.alive.cpu().numpy()
-            for k in range(self.K):
-                start = int(self.n_full[k]) * self.B
-                if alive[k] and start < self.n_train[k]:
-                    self._last_batch(k, start)
+            self._last_batches()
         if self.time_phases:
             self.phase_times.append({"epoch": self.epoch, "full_steps_s": t_steps - t_start,
                                      "last_batches_s": self._phase_clock() - t_steps})
