@@ -25,9 +25,9 @@ How it is fast (measured in ``benchmarks/RESULTS.md``):
 Differences from the eager loop, all documented and per fold equivalent in distribution: dropout
 masks come from a different random stream (``vmap(randomness="different")``), and batch order
 comes from a device generator, so numbers are not bit-identical to :func:`fit`. The last, shorter
-batch of each fold's epoch is run for that fold alone (not compiled; on CUDA replayed from a CUDA
-graph of its own), so BatchNorm sees exactly the epochs of that batch. Works on CPU too (no graphs,
-no autocast), which the tests use.
+batch of each fold's epoch is run for that fold alone (not compiled; on CUDA all folds' replayed
+from one CUDA graph, side by side on streams of their own), so BatchNorm sees exactly the epochs of
+that batch. Works on CPU too (no graphs, no autocast), which the tests use.
 """
 
 from __future__ import annotations
