@@ -311,16 +311,16 @@ def batched(model_name, x, y, train, test, args, config, epochs):
 
 
 def weights_digest(engine) -> str:
-    """A digest of every fold's weights, to tell whether two runs trained alike (on a GPU, atomics
-    in some reductions make them differ in their last bits from run to run)."""
+    """A digest of every fold's weights, to tell whether two runs trained alike (two cold runs of
+    the benchmarks' GPU path already differed, benchmarks/RESULTS.md step 13)."""
     import hashlib
 
     return hashlib.sha256(engine.flat.detach().cpu().numpy().tobytes()).hexdigest()[:16]
 
 
 def rng_offset(engine):
-    """The device generator's Philox offset after the run: how many random numbers it drew, which
-    repeats from run to run where the weights' last bits may not."""
+    """The device generator's Philox offset after the run: how far its random stream went, the
+    same in runs that drew alike, whatever their weights' last bits."""
     if engine.device.type != "cuda":
         return None
     return int(torch.cuda.default_generators[engine.device.index or 0].get_offset())
