@@ -15,14 +15,14 @@ because it needs Triton and runs only AttnSleep's module types::
 ``einsum``; both measured no faster. ``--unaligned``: channels not padded. ``--strided-windows``: the
 first layers' windows all read in place. ``--warm-kernels``: compile this configuration's Triton
 kernels in child processes while the engine compiles its graphs (step 8; since step 10 in
-:data:`WARM_SHARDS` of them, each its share); ``--tce-contiguous``: the TCE's tensors in their own
-order, step 8. ``--attention-kernel``: the TCE's attention by
+:data:`WARM_SHARDS` of them, each its share; since step 14 started with the engine's timed build);
+``--tce-contiguous``: the TCE's tensors in their own order, step 8. ``--attention-kernel``: the TCE's attention by
 ``attention_op.py``, step 9. ``--no-tma``: ``cl_conv_op``'s convolutions by pointer loads only, as
-before step 10.) The whole schedule from a cold start, as measured last in step 11::
+before step 10.) The whole schedule from a cold start, as measured last in step 14::
 
     python3 benchmarks/stacked_layout.py --device cuda --skip-naive --amp bf16 --compile --cl-convs --fused \
         --full-only --lean-compile --eager-eval --warm-kernels --tce-contiguous --cudnn-heuristics \
-        --attention-kernel --cold-start-report
+        --attention-kernel --cold-start-report --compile-helpers
 
 It takes :mod:`benchmarks.train_speed`'s arguments and runs it with
 :meth:`~sleeplib.train.fast.BatchedFolds._forward_all_eager` replaced by :func:`stacked_forward`.
@@ -793,6 +793,7 @@ def _start_warming(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import compile_helpers
     import train_speed
 
     cl = configure(sys.argv[1:])
@@ -807,16 +808,18 @@ if __name__ == "__main__":
         eval_batch = get_recipe("attnsleep").eval_batch_size  # what train_speed's engine evaluates in
         print(f"warm_kernels, shard {shard}/{n_shards}: {warm_kernels(folds, batch, n_times, eval_batch):.1f} s")
         sys.exit(0)
-    if "--warm-kernels" in sys.argv and torch.cuda.is_available():  # Triton kernels: CUDA only
-        share_triton_cache()
-        _start_warming(sys.argv[1:])
-    print(f"fold layout: stacked (benchmarks/stacked_layout.py), cl_convs={cl}, TCE convolutions by "
-          f"{'cl_conv_op' if cl and CL_OUTSIDE else 'cuDNN'}, 1x1 convolutions by "
-          f"{'einsum' if EINSUM_1X1 else 'cl_conv_op'}, MRCNN batch norm + GELU by "
-          f"{'bn_act_op' if cl and FUSED else 'inductor'}, first max-pool + dropout by "
-          f"{'max_pool_cl' if cl and FUSED else 'max_pool_cl, inductor' if cl else 'inductor'}, channels padded to a multiple of {ALIGN_CHANNELS}, "
-          f"first layers' windows {'aligned where free' if ALIGNED_WINDOWS else 'strided'}, TCE tensors "
-          f"{'contiguous' if TCE_CONTIGUOUS else 'views of the AFR output'}, attention by "
-          f"{'attention_op' if cl and ATTENTION_KERNEL else 'inductor'}, cl_conv_op's convolutions by "
-          f"{'tensor descriptors where aligned' if cl_conv_op.TMA else 'pointer loads'}")
+    if "--warm-kernels" in sys.argv and torch.cuda.is_available() and compile_helpers.role() is None:
+        share_triton_cache()  # now: the children, and --compile-helpers' helpers, inherit it
+        # started with the engine's timed build, as any work for the run is
+        train_speed.AT_START.append(lambda: _start_warming(sys.argv[1:]))
+    if compile_helpers.role() is None:
+        print(f"fold layout: stacked (benchmarks/stacked_layout.py), cl_convs={cl}, TCE convolutions by "
+              f"{'cl_conv_op' if cl and CL_OUTSIDE else 'cuDNN'}, 1x1 convolutions by "
+              f"{'einsum' if EINSUM_1X1 else 'cl_conv_op'}, MRCNN batch norm + GELU by "
+              f"{'bn_act_op' if cl and FUSED else 'inductor'}, first max-pool + dropout by "
+              f"{'max_pool_cl' if cl and FUSED else 'max_pool_cl, inductor' if cl else 'inductor'}, channels padded to a multiple of {ALIGN_CHANNELS}, "
+              f"first layers' windows {'aligned where free' if ALIGNED_WINDOWS else 'strided'}, TCE tensors "
+              f"{'contiguous' if TCE_CONTIGUOUS else 'views of the AFR output'}, attention by "
+              f"{'attention_op' if cl and ATTENTION_KERNEL else 'inductor'}, cl_conv_op's convolutions by "
+              f"{'tensor descriptors where aligned' if cl_conv_op.TMA else 'pointer loads'}")
     train_speed.main([a for a in sys.argv[1:] if a not in (*_OWN_FLAGS, "--warm-kernels")])

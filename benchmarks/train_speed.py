@@ -44,6 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import compile_helpers  # noqa: E402
 from sleeplib.io import save_json  # noqa: E402
 from sleeplib.models import build_model  # noqa: E402
 from sleeplib.train.config import get_recipe  # noqa: E402
@@ -231,12 +232,19 @@ def _is_number(v) -> bool:
 
 
 LEAN_COMPILE = ("triton.autotune_pointwise=False", "inductor.loop_ordering_after_fusion=False",
-                "inductor.size_asserts=False", "inductor.fx_graph_cache=False", "functorch.enable_autograd_cache=False")
+                "inductor.size_asserts=False", "inductor.fx_graph_cache=False", "functorch.enable_autograd_cache=False",
+                "inductor.comprehensive_padding=False")
 """``--lean-compile``'s options. On an H100 (``benchmarks/RESULTS.md``, step 11), without the reordering
 of loops after fusion inductor's scheduler took 5.0-6.2 s of the cold start instead of 6.5-9.6 s,
 and the steps ran as fast (2.60 s of full steps an epoch either way); the caches are off because a
 cold start only writes them. Turning off the pattern matcher as well saved some 3 s more of
-compilation but made steps slower (0.01-0.03 s an epoch), so it is not among them."""
+compilation but made steps slower (0.01-0.03 s an epoch), so it is not among them. Without
+comprehensive padding (inductor pads the rows of the tensors it allocates, the saved activations
+among them, to 128 bytes) the full steps of an epoch took 2.46 s instead of 2.55 s (step 14)."""
+
+COMPILE_HELPERS = ("inductor.fx_graph_cache=True", "functorch.enable_autograd_cache=False")
+"""``--compile-helpers``' options: the helpers hand their graphs over through inductor's FX graph
+cache; AOTAutograd's cache stays off, as a hit there would skip the compiler that waits for them."""
 
 _CONFIG_MODULES = {"inductor": "torch._inductor.config", "functorch": "torch._functorch.config",
                    "dynamo": "torch._dynamo.config", "triton": "torch._inductor.config.triton"}
@@ -286,14 +294,49 @@ def apply_compile_flags(args) -> None:
     ``--compile-config``'s last)."""
     settings = (*(LEAN_COMPILE if args.lean_compile else ()),
                 *(("inductor.coordinate_descent_tuning=True",) if args.coordinate_descent else ()),
+                *(COMPILE_HELPERS if getattr(args, "compile_helpers", False) else ()),
                 *args.compile_config)
     for setting in settings:
         set_compile_config(setting)
 
 
+AT_START: list = []
+"""Called (no arguments) when the first engine's timed build starts, e.g. ``stacked_layout.py``'s
+warming children: work for the run started before it would be left out of the timings."""
+
+
+def start_timed_work(args):
+    """What starts with the first timed engine build: :data:`AT_START`'s callables, and, with
+    ``--compile-helpers``, the process that compiles the update (:class:`compile_helpers.Helpers`,
+    returned; None without the flag or at a later build: the helper builds the first engine's
+    shapes, and ``--full``'s schedule may train other folds)."""
+    global _HELPERS_STARTED
+    while AT_START:
+        AT_START.pop(0)()
+    if not (args.compile_helpers and args.compile) or _HELPERS_STARTED:
+        return None
+    _HELPERS_STARTED = True
+    return compile_helpers.Helpers()
+
+
+_HELPERS_STARTED = False
+
+
+def report_helpers(helpers, out: dict) -> None:
+    """After the first epoch: what the engine waited for, into ``out`` and printed; ends the helpers."""
+    if helpers is None:
+        return
+    helpers.close()
+    out["compile_helpers"] = {g: {"waited_s": s, "marked": ok} for g, (s, ok) in helpers.waits.graphs.items()}
+    print("compile helpers: " + helpers.summary())
+
+
 def batched(model_name, x, y, train, test, args, config, epochs):
     t_build = time.perf_counter()
+    helpers = start_timed_work(args)
     engine = make_engine(model_name, x, y, train, test, args, config, time_phases=True)
+    if helpers is not None:
+        helpers.attach(engine)
     sync(args.device)
     build = time.perf_counter() - t_build
     report = ColdStartReport(engine) if args.cold_start_report else None
@@ -303,11 +346,26 @@ def batched(model_name, x, y, train, test, args, config, epochs):
         engine.run_epoch()
         sync(args.device)
         epoch_times.append(time.perf_counter() - t0)
-        if report is not None and len(epoch_times) == 1:
-            report.print()
-            engine.cold_start = report.summary()
-            report.close()
+        if len(epoch_times) == 1:
+            engine.cold_start = {}
+            if report is not None:
+                report.print()
+                engine.cold_start = report.summary()
+                report.close()
+            report_helpers(helpers, engine.cold_start)
     return engine, build, epoch_times
+
+
+def run_compile_helper(args, config) -> None:
+    """In a ``--compile-helpers`` helper process: the engine this command line builds first, on random
+    epochs of its shapes (the graphs depend on shapes only), through
+    :func:`compile_helpers.run_helper`."""
+    folds = args.schedule_folds if args.full_only else args.folds
+    n = 2 * args.batch
+    x = torch.randn(n, 1, args.n_times, device=args.device)
+    y = torch.randint(0, 5, (n,), device=args.device)
+    rows = [np.arange(n)] * folds
+    compile_helpers.run_helper(make_engine(args.model, x, y, rows, rows, args, config))
 
 
 def weights_digest(engine) -> str:
@@ -348,6 +406,9 @@ def main(argv=None):
                    help="print where the first epoch's time goes (eager steps, capture, compilation phases, Triton)")
     p.add_argument("--eager-eval", action="store_true",
                    help="with --compile: evaluate eagerly (no second compiled graph)")
+    p.add_argument("--compile-helpers", action="store_true",
+                   help="with --compile: the optimiser update compiled by a helper process while this one compiles "
+                        "the forward and backward (benchmarks/compile_helpers.py; the first engine built only)")
     p.add_argument("--cudnn-heuristics", action="store_true",
                    help="cuDNN picks its algorithms by heuristics (no benchmarking of each new shape)")
     add_compile_flags(p)
@@ -372,6 +433,9 @@ def main(argv=None):
 
     apply_compile_flags(args)
     config = get_recipe("attnsleep", batch_size=args.batch, amp=args.amp, progress=False)
+    if compile_helpers.role() is not None:
+        run_compile_helper(args, config)
+        return {}
     x, y, subject = synthetic_edf20(args.n_samples, args.n_times, args.n_subjects, args.device)
     train, test = paper_like_folds(subject, args.folds)
     out = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
@@ -441,22 +505,27 @@ def run_full_schedule(args, x, y, subject, config):
     log_path = Path(f"{args.checkpoint}.json") if args.checkpoint else None
     log = json.loads(log_path.read_text()) if log_path and log_path.exists() else {"processes": []}
     t0 = time.perf_counter()
+    helpers = start_timed_work(args)
     eng = make_engine(args.model, x, y, train_s, test_s, args, config_full)
+    if helpers is not None:
+        helpers.attach(eng)
     sync(args.device)
     t_built = time.perf_counter()
     if args.checkpoint and Path(args.checkpoint).exists():
         eng.load_state(args.checkpoint)
     first_epoch = eng.epoch + 1
     report = ColdStartReport(eng) if args.cold_start_report else None
-    epoch_s = []
+    epoch_s, log_extra = [], {}
     while eng.epoch < args.schedule_epochs and (not epoch_s or time.perf_counter() - t0 < args.time_limit):
         t_epoch = time.perf_counter()
         eng.run_epoch()
         sync(args.device)
         epoch_s.append(time.perf_counter() - t_epoch)
-        if report is not None and len(epoch_s) == 1:
-            report.print()
-            report.close()
+        if len(epoch_s) == 1:
+            if report is not None:
+                report.print()
+                report.close()
+            report_helpers(helpers, log_extra)
     if args.checkpoint:
         eng.save_state(args.checkpoint)
     sync(args.device)
@@ -464,7 +533,8 @@ def run_full_schedule(args, x, y, subject, config):
     log["processes"].append({"epochs": [first_epoch, eng.epoch], "wall_s": time.perf_counter() - t0,
                              "build_s": t_built - t0,
                              "first_epoch_s": epoch_s[0] if epoch_s else None,
-                             "steady_epoch_s": float(np.median(epoch_s[1:])) if len(epoch_s) > 1 else None})
+                             "steady_epoch_s": float(np.median(epoch_s[1:])) if len(epoch_s) > 1 else None,
+                             **log_extra})
     if log_path:
         save_json(log_path, log)
     procs = log["processes"]

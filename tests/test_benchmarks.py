@@ -407,7 +407,7 @@ def test_compile_flags_apply_lean_compile_then_each_setting():
     train_speed.add_compile_flags(parser)
     args = parser.parse_args(["--lean-compile", "--coordinate-descent", "--compile-config", "inductor.size_asserts=True"])
     touched = ("size_asserts", "loop_ordering_after_fusion", "fx_graph_cache", "triton.autotune_pointwise",
-               "coordinate_descent_tuning")
+               "coordinate_descent_tuning", "comprehensive_padding")
     with inductor_config.patch({name: inductor_config.get_config_copy()[name] for name in touched}), \
             functorch_config.patch(enable_autograd_cache=functorch_config.enable_autograd_cache):
         train_speed.apply_compile_flags(args)
@@ -979,3 +979,136 @@ def test_conv_tma_probe_sweep_reports_failures_and_keeps_the_fastest(monkeypatch
     assert probe._sweep("fwd", ["a", "too big", "b"], run) == ("b", 1.5)
     out = capsys.readouterr().out
     assert "fwd too big RuntimeError out of resource" in out and "'too big': inf" in out
+
+
+@pytest.mark.slow
+def test_compile_helper_hands_the_update_graph_over_through_inductors_cache(tmp_path, monkeypatch):
+    """A helper compiles the update graph (the step's forward and backward run as traced, as the
+    eager step would); the engine, waiting for its mark, finds the update in inductor's FX graph
+    cache (a hit, not compiled again) and trains to the weights a plain compiled engine trains to."""
+    import numpy as np
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+    from torch._dynamo.utils import counters
+
+    from sleeplib.train.config import TrainConfig
+    from sleeplib.train.fast import BatchedFolds
+
+    helpers = _load("compile_helpers")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(96, 1, 64, generator=g), torch.randint(0, 5, (96,), generator=g)
+    rows = [np.arange(0, 64), np.arange(32, 96)]
+    cfg = TrainConfig(epochs=1, batch_size=32, progress=False)
+
+    def build():
+        torch._dynamo.reset()
+        counters.clear()
+        return BatchedFolds(lambda: _TinyNet(), x, y, rows, rows, None, cfg, compile=True, compile_eval=False)
+
+    class Alive:
+        def poll(self):
+            return None
+
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    with inductor_config.patch(fx_graph_cache=True), functorch_config.patch(enable_autograd_cache=False):
+        helper = build()
+        helpers.compile_functions(helper, lambda name: helpers.helper_backend(name, {"update.inference"}, marks))
+        helper._step()
+        assert (marks / "update.inference").exists() and counters["inductor"]["fxgraph_cache_miss"] == 1
+        eager = BatchedFolds(lambda: _TinyNet(), x, y, rows, rows, None, cfg)
+        eager._step()  # the graphs the helper ran as traced compute what the eager step does
+        torch.testing.assert_close(helper.flat, eager.flat, rtol=1e-5, atol=1e-6)
+
+        waited = build()
+        waits = helpers.Waits()
+        helpers.compile_functions(waited, lambda name: helpers.waiting_backend(
+            name, marks, {"update.inference": Alive()}, waits, timeout=5))
+        waited._step()
+        assert counters["inductor"]["fxgraph_cache_hit"] == 1  # the update; forward and backward compiled here
+        assert counters["inductor"]["fxgraph_cache_miss"] == 2
+        assert waits.graphs["update.inference"][1] is True and "update.inference waited" in waits.summary()
+        plain = build()
+        plain._step()
+    torch.testing.assert_close(waited.flat, plain.flat, rtol=0, atol=0)
+
+
+class _TinyNet(torch.nn.Module):
+    """Conv + batch norm + dropout + linear: a step with every kind of state, compiled fast on CPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv1d(1, 4, 7, stride=3, bias=False)
+        self.bn = torch.nn.BatchNorm1d(4)
+        self.drop = torch.nn.Dropout(0.2)
+        self.fc = torch.nn.Linear(4, 5)
+
+    def forward(self, x):
+        return self.fc(self.drop(torch.relu(self.bn(self.conv(x))).mean(-1)))
+
+
+def test_compile_helper_wait_ends_at_the_mark_the_helpers_end_or_the_timeout(tmp_path):
+    helpers = _load("compile_helpers")
+
+    class Proc:
+        def __init__(self, code):
+            self.code = code
+
+        def poll(self):
+            return self.code
+
+    assert helpers.wait_for_mark(tmp_path, "g", Proc(None), timeout=0.05)[1] is False  # timed out
+    assert helpers.wait_for_mark(tmp_path, "g", Proc(1), timeout=30)[0] < 1  # ended without it: at once
+    helpers._mark(tmp_path, "g")
+    seconds, marked = helpers.wait_for_mark(tmp_path, "g", Proc(None), timeout=30)
+    assert marked and seconds < 1
+    assert [p.name for p in tmp_path.iterdir()] == ["g"]  # written atomically, no part file left
+
+
+def test_compile_helpers_start_with_the_timed_build_as_processes_of_this_command_line(tmp_path, monkeypatch):
+    """--compile-helpers starts one helper per role, this command line with its role and mark folder
+    in the environment; the work registered in AT_START (the warming children) starts then, once."""
+    helpers = _load("compile_helpers")
+    train_speed = _load("train_speed")
+    script = ("import os, pathlib; m = pathlib.Path(os.environ['SLEEPLIB_COMPILE_HELPER_MARKS']); "
+              "(m / 'update.inference').write_text(os.environ['SLEEPLIB_COMPILE_HELPER'])")
+    started = []
+    monkeypatch.setattr(train_speed, "AT_START", [lambda: started.append(1)])
+    monkeypatch.setattr(train_speed, "_HELPERS_STARTED", False)
+    none = train_speed.start_timed_work(SimpleNamespace(compile_helpers=True, compile=False))
+    assert none is None and started == [1] and train_speed.AT_START == []
+    assert train_speed.start_timed_work(SimpleNamespace(compile_helpers=False, compile=True)) is None
+    real = helpers.Helpers
+    monkeypatch.setattr(helpers, "Helpers", lambda: real(["-c", script]))
+    started_helpers = train_speed.start_timed_work(SimpleNamespace(compile_helpers=True, compile=True))
+    try:
+        seconds, marked = helpers.wait_for_mark(started_helpers.marks, "update.inference",
+                                                started_helpers.procs["update.inference"], timeout=60)
+        assert marked and (started_helpers.marks / "update.inference").read_text() == "update"
+        out = {}
+        started_helpers.waits.graphs["update.inference"] = (seconds, marked)
+        train_speed.report_helpers(started_helpers, out)
+        assert out["compile_helpers"]["update.inference"]["marked"] is True
+        assert not started_helpers.marks.exists()  # closed: the marks removed
+        # a later engine (--full's schedule after the timed epochs) gets no helper: it builds the first's shapes
+        assert train_speed.start_timed_work(SimpleNamespace(compile_helpers=True, compile=True)) is None
+    finally:
+        started_helpers.close()
+
+
+def test_compile_helper_builds_the_engine_of_the_command_lines_shapes(monkeypatch):
+    helpers = _load("compile_helpers")
+    train_speed = _load("train_speed")
+    built, run_helper = [], helpers.run_helper
+    monkeypatch.setenv(helpers.ROLE_ENV, "update")
+    monkeypatch.setattr(helpers, "run_helper", built.append)
+    monkeypatch.setattr(train_speed, "synthetic_edf20", lambda *a: pytest.fail("a helper makes no dataset"))
+    assert train_speed.main(["--device", "cpu", "--folds", "3", "--batch", "16", "--n-times", "3000",
+                             "--compile", "--compile-helpers", "--skip-naive"]) == {}
+    (engine,) = built
+    assert (engine.K, engine.B, engine.x.shape[-1]) == (3, 16, 3000)
+    assert engine._compiled_forward is not None  # compiled, as the engine it stands for
+    monkeypatch.setenv(helpers.ROLE_ENV, "nonsense")
+    with pytest.raises(SystemExit, match="expected one of update"):
+        run_helper(engine)
