@@ -81,6 +81,14 @@ class AsTraced(_OutputCodeBase):
         pass
 
 
+def _inductor_with(inner_compile):
+    """Inductor as a ``torch.compile`` backend, each graph compiled by ``inner_compile`` (which
+    wraps inductor's own ``compile_fx_inner``)."""
+    from torch._inductor.compile_fx import compile_fx
+
+    return lambda gm, example_inputs: compile_fx(gm, example_inputs, inner_compile=inner_compile)
+
+
 def _mark(marks: Path, graph: str) -> None:
     tmp = marks / f".{graph}.part"
     tmp.write_text(str(os.getpid()))
@@ -91,7 +99,7 @@ def helper_backend(name: str, compile_for_real: set[str], marks: Path | None, ex
     """A ``torch.compile`` backend for a helper: inductor compiles (and caches) the graphs of function
     ``name`` whose ``<name>.<kind>`` is in ``compile_for_real``, marking each in ``marks``; the other
     graphs run as traced. ``exit_after``: the graph after whose compilation this process ends."""
-    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+    from torch._inductor.compile_fx import compile_fx_inner
 
     def inner_compile(gm, example_inputs, **kwargs):
         graph = f"{name}.{graph_kind(kwargs)}"
@@ -105,10 +113,7 @@ def helper_backend(name: str, compile_for_real: set[str], marks: Path | None, ex
             os._exit(0)  # a helper has nothing left to do; its compile workers see it gone
         return out
 
-    def backend(gm, example_inputs):
-        return compile_fx(gm, example_inputs, inner_compile=inner_compile)
-
-    return backend
+    return _inductor_with(inner_compile)
 
 
 class Waits:
@@ -140,7 +145,7 @@ def waiting_backend(name: str, marks: Path, helpers: dict[str, subprocess.Popen]
     """The engine's backend: inductor as usual, but before compiling a graph that a live helper
     compiles (``helpers``: graph -> process), wait for its mark, at most ``timeout`` seconds, so that
     inductor finds it in its cache."""
-    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+    from torch._inductor.compile_fx import compile_fx_inner
 
     def inner_compile(gm, example_inputs, **kwargs):
         graph = f"{name}.{graph_kind(kwargs)}"
@@ -148,22 +153,13 @@ def waiting_backend(name: str, marks: Path, helpers: dict[str, subprocess.Popen]
             waits.graphs[graph] = wait_for_mark(marks, graph, helpers[graph], timeout)
         return compile_fx_inner(gm, example_inputs, **kwargs)
 
-    def backend(gm, example_inputs):
-        return compile_fx(gm, example_inputs, inner_compile=inner_compile)
-
-    return backend
-
-
-def compile_functions(engine, backend_for) -> None:
-    """Compile the engine's training forward and update through ``backend_for(name)`` (``step``,
-    ``update``), as ``BatchedFolds(compile=True)`` does with inductor's default backend."""
-    engine._compiled_forward = torch.compile(engine._forward_all_eager, dynamic=False, backend=backend_for("step"))
-    engine._update = torch.compile(engine._update_eager, dynamic=False, backend=backend_for("update"))
+    return _inductor_with(inner_compile)
 
 
 class Helpers:
     """The helper processes of one engine: one per role of :data:`ROLES`, each this process's command
-    line (``argv``) run again; :meth:`attach` gives the engine the backend that waits for them."""
+    line (``argv``) run again; :meth:`backend_for` is the engine's ``compile_backend``, which waits
+    for them."""
 
     def __init__(self, argv: list[str] | None = None, timeout: float = 60.0):
         self.marks = Path(tempfile.mkdtemp(prefix="compile_helpers_"))
@@ -174,11 +170,8 @@ class Helpers:
                                               env={**os.environ, ROLE_ENV: r, MARKS_ENV: str(self.marks)})
                       for r, graph in ROLES.items()}
 
-    def attach(self, engine) -> None:
-        compile_functions(engine, lambda name: waiting_backend(name, self.marks, self.procs, self.waits, self.timeout))
-
-    def summary(self) -> str:
-        return self.waits.summary()
+    def backend_for(self, name: str):
+        return waiting_backend(name, self.marks, self.procs, self.waits, self.timeout)
 
     def close(self) -> None:
         """End helpers still running (one that was never waited for) and remove the marks."""
@@ -191,13 +184,12 @@ class Helpers:
         shutil.rmtree(self.marks, ignore_errors=True)
 
 
-def run_helper(engine) -> None:
-    """In a helper process: compile this process's graph (:data:`ROLES`) through one step of
-    ``engine`` (built like the engine's own, on random epochs of its shapes)."""
+def helper_backend_for():
+    """In a helper process: the engine's ``compile_backend`` that compiles this process's graph
+    (:data:`ROLES`) for real, marks it and ends the process."""
     r = role()
     if r not in ROLES:
         raise SystemExit(f"{ROLE_ENV}={r!r}: expected one of {', '.join(ROLES)}")
     graph = ROLES[r]
     marks = Path(os.environ[MARKS_ENV])
-    compile_functions(engine, lambda name: helper_backend(name, {graph}, marks, exit_after=graph))
-    engine._step()
+    return lambda name: helper_backend(name, {graph}, marks, exit_after=graph)

@@ -106,7 +106,7 @@ def naive(model_name, x, y, train_idx, args, config):
     return per_step * steps_per_epoch, per_step
 
 
-def make_engine(model_name, x, y, train, test, args, config, time_phases=False):
+def make_engine(model_name, x, y, train, test, args, config, time_phases=False, compile_backend="inductor"):
     """The batched engine as the command line asks (timed runs and the --full schedule alike)."""
     def model_fn():
         return build_model(model_name, n_times=x.shape[-1])
@@ -117,7 +117,8 @@ def make_engine(model_name, x, y, train, test, args, config, time_phases=False):
         model_fn = with_fold_convs(model_fn)
     return BatchedFolds(model_fn, x, y, train, test,
                         [[1.0] * 5] * len(train), config, device=args.device, cuda_graphs=args.graphs,
-                        last_batch=args.last_batch, compile=args.compile, compile_eval=not args.eager_eval,
+                        last_batch=args.last_batch, compile=args.compile, compile_backend=compile_backend,
+                        compile_eval=not args.eager_eval,
                         bn_fp32=not args.bn_bf16,
                         time_phases=time_phases)
 
@@ -328,15 +329,14 @@ def report_helpers(helpers, out: dict) -> None:
         return
     helpers.close()
     out["compile_helpers"] = {g: {"waited_s": s, "marked": ok} for g, (s, ok) in helpers.waits.graphs.items()}
-    print("compile helpers: " + helpers.summary())
+    print("compile helpers: " + helpers.waits.summary())
 
 
 def batched(model_name, x, y, train, test, args, config, epochs):
     t_build = time.perf_counter()
     helpers = start_timed_work(args)
-    engine = make_engine(model_name, x, y, train, test, args, config, time_phases=True)
-    if helpers is not None:
-        helpers.attach(engine)
+    engine = make_engine(model_name, x, y, train, test, args, config, time_phases=True,
+                         compile_backend=helpers.backend_for if helpers is not None else "inductor")
     sync(args.device)
     build = time.perf_counter() - t_build
     report = ColdStartReport(engine) if args.cold_start_report else None
@@ -357,15 +357,15 @@ def batched(model_name, x, y, train, test, args, config, epochs):
 
 
 def run_compile_helper(args, config) -> None:
-    """In a ``--compile-helpers`` helper process: the engine this command line builds first, on random
-    epochs of its shapes (the graphs depend on shapes only), through
-    :func:`compile_helpers.run_helper`."""
+    """In a ``--compile-helpers`` helper process: one step of the engine this command line builds
+    first, on random epochs of its shapes (the graphs depend on shapes only), compiled through
+    :func:`compile_helpers.helper_backend_for` (which ends the process once its graph is compiled)."""
     folds = args.schedule_folds if args.full_only else args.folds
     n = 2 * args.batch
     x = torch.randn(n, 1, args.n_times, device=args.device)
     y = torch.randint(0, 5, (n,), device=args.device)
     rows = [np.arange(n)] * folds
-    compile_helpers.run_helper(make_engine(args.model, x, y, rows, rows, args, config))
+    make_engine(args.model, x, y, rows, rows, args, config, compile_backend=compile_helpers.helper_backend_for())._step()
 
 
 def weights_digest(engine) -> str:
@@ -506,9 +506,8 @@ def run_full_schedule(args, x, y, subject, config):
     log = json.loads(log_path.read_text()) if log_path and log_path.exists() else {"processes": []}
     t0 = time.perf_counter()
     helpers = start_timed_work(args)
-    eng = make_engine(args.model, x, y, train_s, test_s, args, config_full)
-    if helpers is not None:
-        helpers.attach(eng)
+    eng = make_engine(args.model, x, y, train_s, test_s, args, config_full,
+                      compile_backend=helpers.backend_for if helpers is not None else "inductor")
     sync(args.device)
     t_built = time.perf_counter()
     if args.checkpoint and Path(args.checkpoint).exists():

@@ -989,6 +989,7 @@ def test_compile_helper_hands_the_update_graph_over_through_inductors_cache(tmp_
     import numpy as np
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
+    from test_train import TinyNet
     from torch._dynamo.utils import counters
 
     from sleeplib.train.config import TrainConfig
@@ -1001,10 +1002,10 @@ def test_compile_helper_hands_the_update_graph_over_through_inductors_cache(tmp_
     rows = [np.arange(0, 64), np.arange(32, 96)]
     cfg = TrainConfig(epochs=1, batch_size=32, progress=False)
 
-    def build():
+    def build(**kwargs):
         torch._dynamo.reset()
         counters.clear()
-        return BatchedFolds(lambda: _TinyNet(), x, y, rows, rows, None, cfg, compile=True, compile_eval=False)
+        return BatchedFolds(TinyNet, x, y, rows, rows, None, cfg, compile_eval=False, **kwargs)
 
     class Alive:
         def poll(self):
@@ -1013,39 +1014,24 @@ def test_compile_helper_hands_the_update_graph_over_through_inductors_cache(tmp_
     marks = tmp_path / "marks"
     marks.mkdir()
     with inductor_config.patch(fx_graph_cache=True), functorch_config.patch(enable_autograd_cache=False):
-        helper = build()
-        helpers.compile_functions(helper, lambda name: helpers.helper_backend(name, {"update.inference"}, marks))
+        helper = build(compile=True, compile_backend=lambda name: helpers.helper_backend(
+            name, {"update.inference"}, marks))
         helper._step()
         assert (marks / "update.inference").exists() and counters["inductor"]["fxgraph_cache_miss"] == 1
-        eager = BatchedFolds(lambda: _TinyNet(), x, y, rows, rows, None, cfg)
+        eager = build()
         eager._step()  # the graphs the helper ran as traced compute what the eager step does
         torch.testing.assert_close(helper.flat, eager.flat, rtol=1e-5, atol=1e-6)
 
-        waited = build()
         waits = helpers.Waits()
-        helpers.compile_functions(waited, lambda name: helpers.waiting_backend(
+        waited = build(compile=True, compile_backend=lambda name: helpers.waiting_backend(
             name, marks, {"update.inference": Alive()}, waits, timeout=5))
         waited._step()
         assert counters["inductor"]["fxgraph_cache_hit"] == 1  # the update; forward and backward compiled here
         assert counters["inductor"]["fxgraph_cache_miss"] == 2
         assert waits.graphs["update.inference"][1] is True and "update.inference waited" in waits.summary()
-        plain = build()
+        plain = build(compile=True)
         plain._step()
     torch.testing.assert_close(waited.flat, plain.flat, rtol=0, atol=0)
-
-
-class _TinyNet(torch.nn.Module):
-    """Conv + batch norm + dropout + linear: a step with every kind of state, compiled fast on CPU."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv1d(1, 4, 7, stride=3, bias=False)
-        self.bn = torch.nn.BatchNorm1d(4)
-        self.drop = torch.nn.Dropout(0.2)
-        self.fc = torch.nn.Linear(4, 5)
-
-    def forward(self, x):
-        return self.fc(self.drop(torch.relu(self.bn(self.conv(x))).mean(-1)))
 
 
 def test_compile_helper_wait_ends_at_the_mark_the_helpers_end_or_the_timeout(tmp_path):
@@ -1098,17 +1084,21 @@ def test_compile_helpers_start_with_the_timed_build_as_processes_of_this_command
 
 
 def test_compile_helper_builds_the_engine_of_the_command_lines_shapes(monkeypatch):
+    """A helper process makes no dataset: it builds the command line's engine (its folds, batch and
+    epoch length) on random epochs, compiled through the helper's backend, and runs one step."""
     helpers = _load("compile_helpers")
     train_speed = _load("train_speed")
-    built, run_helper = [], helpers.run_helper
+    built, asked, make_engine = [], [], train_speed.make_engine
     monkeypatch.setenv(helpers.ROLE_ENV, "update")
-    monkeypatch.setattr(helpers, "run_helper", built.append)
+    monkeypatch.setattr(helpers, "helper_backend_for", lambda: lambda name: asked.append(name) or "eager")
+    monkeypatch.setattr(train_speed, "make_engine", lambda *a, **k: built.append(make_engine(*a, **k)) or built[-1])
     monkeypatch.setattr(train_speed, "synthetic_edf20", lambda *a: pytest.fail("a helper makes no dataset"))
     assert train_speed.main(["--device", "cpu", "--folds", "3", "--batch", "16", "--n-times", "3000",
                              "--compile", "--compile-helpers", "--skip-naive"]) == {}
     (engine,) = built
     assert (engine.K, engine.B, engine.x.shape[-1]) == (3, 16, 3000)
-    assert engine._compiled_forward is not None  # compiled, as the engine it stands for
+    assert asked == ["step", "update"] and int(engine.step_idx) == 1  # compiled through it, one step run
+    monkeypatch.undo()
     monkeypatch.setenv(helpers.ROLE_ENV, "nonsense")
     with pytest.raises(SystemExit, match="expected one of update"):
-        run_helper(engine)
+        helpers.helper_backend_for()

@@ -90,6 +90,10 @@ class BatchedFolds:
     compile : bool
         ``torch.compile`` the training forward (with its backward), the optimiser update and the
         evaluation forward.
+    compile_backend : str or callable
+        The ``torch.compile`` backend of the compiled functions: a backend (default "inductor"), or
+        ``backend_for(name) -> backend``, asked for ``"step"`` (the training forward, its backward)
+        and ``"update"`` (the optimiser update), e.g. by ``benchmarks/compile_helpers.py``.
     compile_eval : bool
         With ``compile``, compile the evaluation forward too. False: evaluation runs eagerly, which
         saves a second graph's compilation (18 s of a cold start on an H100 for AttnSleep with
@@ -117,6 +121,7 @@ class BatchedFolds:
         last_batch: str = "exact",
         record_batches: bool = False,
         compile: bool = False,
+        compile_backend="inductor",
         compile_eval: bool = True,
         bn_fp32: bool = True,
         time_phases: bool = False,
@@ -251,9 +256,12 @@ class BatchedFolds:
         self._one = torch.ones(1, device=self.device)
         # fuse the forward (and its backward) and, separately, the optimiser update, which eagerly
         # is some 30 element-wise kernels over the (K, P) matrices every step
-        self._compiled_forward = torch.compile(self._forward_all_eager, dynamic=False) if compile else None
+        backend_for = compile_backend if callable(compile_backend) else (lambda name: compile_backend)
+        self._compiled_forward = (torch.compile(self._forward_all_eager, dynamic=False, backend=backend_for("step"))
+                                  if compile else None)
         self.compile_eval = compile_eval
-        self._update = torch.compile(self._update_eager, dynamic=False) if compile else self._update_eager
+        self._update = (torch.compile(self._update_eager, dynamic=False, backend=backend_for("update"))
+                        if compile else self._update_eager)
 
     # ------------------------------------------------------------------ functional model
     def _params(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
