@@ -1,30 +1,39 @@
-"""The training step's optimiser-update graph compiled by a helper process while the engine's own
-process compiles the forward and backward (``train_speed.py --compile-helpers``).
+"""The training step's graphs compiled side by side by helper processes while the engine's own
+process compiles (``train_speed.py --compile-helpers``; ``benchmarks/RESULTS.md`` steps 14 and 15).
 
 ``torch.compile`` compiles a step's graphs one after another in one process: the forward at the
 step's first call, its backward at the first backward, the optimiser update after that (on an H100
-23.4 + 11.3 + 2.9 s of AttnSleep's cold start, ``benchmarks/RESULTS.md`` step 13). Inductor's work
-is Python in one thread, so threads do not overlap them; processes do. A helper traces the same step
-and compiles one graph for real, which inductor stores in its on-disk FX graph cache; the graphs it
-does not compile it runs as traced (:class:`AsTraced`). When the engine's process reaches that
-graph it waits for the helper's mark (:func:`waiting_backend`) and inductor finds the graph in its
-cache: the same graph, inputs and options give the same key. A helper that dies or is late costs a
-wait of at most ``timeout`` seconds, then the engine compiles the graph itself.
+23.4 + 11.3 + 2.9 s of AttnSleep's cold start, step 13). Inductor's work is Python in one thread,
+so threads do not overlap them; processes do. Two kinds of helper:
 
-The helper is this command line run again (:class:`Helpers`, with :data:`ROLE_ENV` set): it builds
-the engine on a few random epochs of the run's shapes and runs one step, so its graphs are the
-engine's own. Only the update has a helper: one for the backward (its forward lowered but not
-compiled) marked it 35-42 s after the start, 10-12 s after the engine needed it, as a helper must
-also import, build and trace before it compiles (step 14).
+* **The update's helper** (:class:`Helpers`, one per role of :data:`ROLES`): this command line run
+  again with :data:`ROLE_ENV` set. It builds the engine on a few random epochs of the run's shapes,
+  runs one step with the forward and backward eagerly (:func:`step_for_the_update`) and compiles the
+  update for real, which inductor stores in its on-disk FX graph cache (graphs a helper's backend
+  does not compile it runs as traced, :class:`AsTraced`). When the engine's process reaches the
+  update it waits for the helper's mark (:func:`waiting_backend`) and inductor finds the graph in its
+  cache: the same graph, inputs and options give the same key. A helper that dies or is late costs a
+  wait of at most ``timeout`` seconds, then the engine compiles the graph itself. A helper for the
+  backward marked it 35-42 s after the start, 10-12 s after the engine needed it, as such a helper
+  must also import, build and trace before it compiles (step 14).
+* **The forward's worker** (:class:`ForwardWorker`): a process started at the build, to which the
+  engine's process sends the step's forward graph as soon as it has traced it; the engine's process
+  then lowers the backward at once, itself, instead of at the first backward, so the two compile
+  side by side. The graph travels as inductor's out-of-process compilation sends it
+  (:func:`graph_pickling`), the compiled code comes back and is loaded at the forward's first call
+  (:class:`Pending`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -141,27 +150,281 @@ def wait_for_mark(marks: Path, graph: str, proc, timeout: float) -> tuple[float,
 
 
 def waiting_backend(name: str, marks: Path, helpers: dict[str, subprocess.Popen], waits: Waits,
-                    timeout: float = 60.0):
+                    timeout: float = 60.0, worker: ForwardWorker | None = None):
     """The engine's backend: inductor as usual, but before compiling a graph that a live helper
     compiles (``helpers``: graph -> process), wait for its mark, at most ``timeout`` seconds, so that
-    inductor finds it in its cache."""
+    inductor finds it in its cache; the graph :data:`FORWARD_GRAPH` sent to ``worker``, and then the
+    backward lowered at once."""
     from torch._inductor.compile_fx import compile_fx_inner
 
     def inner_compile(gm, example_inputs, **kwargs):
         graph = f"{name}.{graph_kind(kwargs)}"
         if graph in helpers and graph not in waits.graphs:
             waits.graphs[graph] = wait_for_mark(marks, graph, helpers[graph], timeout)
+        if worker is not None and graph == FORWARD_GRAPH:
+            return worker.inner_compile(gm, example_inputs, **kwargs)
         return compile_fx_inner(gm, example_inputs, **kwargs)
 
-    return _inductor_with(inner_compile)
+    inductor = _inductor_with(inner_compile)
+    if worker is None or not FORWARD_GRAPH.startswith(f"{name}."):
+        return inductor
+
+    def backend(gm, example_inputs):
+        # the backward lowered right after the forward is sent, while the worker compiles it
+        with torch._functorch.config.patch(force_non_lazy_backward_lowering=True):
+            return inductor(gm, example_inputs)
+
+    return backend
+
+
+FORWARD_GRAPH = "step.forward"
+"""The graph :class:`ForwardWorker` compiles: the training step's forward."""
+
+_WEAK_CONTAINERS = (weakref.WeakValueDictionary, weakref.WeakKeyDictionary, weakref.WeakSet)
+
+
+def _empty(kind):
+    return kind()
+
+
+@contextlib.contextmanager
+def graph_pickling():
+    """Inductor's graph pickler (``torch.fx._graph_pickler.GraphPickler``, which its out-of-process
+    compilation sends graphs and compiled code with) as needed between two processes of this run:
+    any operator by name, not only ``torch.ops.aten``'s (the worker imports the modules that define
+    the benchmarks' operators), and weak containers as empty ones. torch 2.11 refuses both; the
+    weak containers are caches (the fake-tensor converter's memo, reached from the example values
+    of the graph that dynamo traced, in the tracing context; found with ``GraphPickler.debug_dumps``
+    on an H100)."""
+    from unittest import mock
+
+    from torch.fx._graph_pickler import GraphPickler, Options
+    from torch.utils.weak import WeakIdKeyDictionary
+
+    weak = (*_WEAK_CONTAINERS, WeakIdKeyDictionary)
+
+    class Pickler(GraphPickler):
+        def reducer_override(self, obj):
+            if isinstance(obj, weak):
+                return _empty, (type(obj),)
+            return super().reducer_override(obj)
+
+    def dumps(cls, obj, options=None):
+        with io.BytesIO() as stream:
+            Pickler(stream, options or Options(ops_filter=None)).dump(obj)
+            return stream.getvalue()
+
+    with mock.patch.object(GraphPickler, "dumps", classmethod(dumps)):
+        yield
+
+
+def _worker_warm(device: str) -> int:
+    """A worker's first task, while the engine's process traces: import inductor, start CUDA and
+    inductor's pool of compile processes, and compile a small graph, so that the code generation
+    and Triton's compiler are loaded when the forward comes."""
+    import torch._inductor.compile_fx  # noqa: F401
+    import torch._inductor.compile_fx_subproc  # noqa: F401
+
+    if device == "cuda":
+        torch.cuda.init()
+    try:
+        from torch._inductor.async_compile import AsyncCompile
+
+        AsyncCompile.warm_pool()
+    except (ImportError, AttributeError):  # pragma: no cover - another torch
+        pass
+    x = torch.randn(64, 256, device=device)
+    torch.compile(lambda t: (torch.nn.functional.gelu(t) * t.mean(-1, keepdim=True)).sum(0), dynamic=False)(x)
+    return os.getpid()
+
+
+def _worker_compile(pickled, modules: tuple[str, ...]):
+    """In the worker: import the modules that define the graph's operators, then inductor's
+    compilation of the serialised graph (what its ``subprocess`` mode runs in a child)."""
+    import importlib
+
+    from torch._inductor.compile_fx_subproc import _SubprocessFxCompile
+
+    for module in modules:
+        importlib.import_module(module)
+    t0 = time.perf_counter()
+    with graph_pickling():
+        out = _SubprocessFxCompile._run_in_child_subprocess(pickled, None)
+    return out, time.perf_counter() - t0
+
+
+# the worker's tasks travel pickled by module and name: the name this file imports under there
+# (tests load it under another)
+for _task in (_worker_warm, _worker_compile):
+    _task.__module__ = "compile_helpers"
+
+
+def _op_modules(gm: torch.fx.GraphModule) -> tuple[str, ...]:
+    """The modules that define the custom operators ``gm`` calls (``torch.library.custom_op``)."""
+    from torch._library.custom_ops import OPDEFS
+
+    modules = set()
+    for node in gm.graph.nodes:
+        op = getattr(node.target, "_schema", None)
+        if node.op == "call_function" and op is not None and op.name in OPDEFS:
+            module = OPDEFS[op.name]._init_fn.__module__
+            if module != "__main__":  # imported under another name there: the worker cannot
+                modules.add(module)
+    return tuple(sorted(modules))
+
+
+def _slices_registered_for_pytree() -> None:
+    """Newer torch's graph pickler (2.13) registers ``slice`` as a pytree node while it pickles and
+    removes it after; that changes the version of pytree's registry, which dynamo guards the traced
+    step on, and the step would be traced and compiled again at its next call. Registered once,
+    before anything is traced, the pickler leaves the registry as it is."""
+    import torch.utils._pytree as pytree
+    from torch.fx import _graph_pickler
+
+    if hasattr(_graph_pickler, "patch_pytree_map_over_slice") and slice not in pytree.SUPPORTED_NODES:
+        pytree.register_pytree_node(slice, lambda s: ([s.start, s.stop, s.step], None), lambda v, _: slice(*v))
+
+
+class ForwardWorker:
+    """A process, spawned at the build, that compiles the step's forward graph while the engine's
+    process compiles its backward (:func:`waiting_backend`): inductor's compilation of a graph, sent
+    serialised (:func:`graph_pickling`); the compiled code comes back and is loaded at the first call
+    (:class:`Pending`). A graph inductor cannot serialise is compiled in the engine's process."""
+
+    def __init__(self, device: str):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        _slices_registered_for_pytree()
+        self.pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        # the process starts at the first task, with this process's import path: this file's folder in it
+        here = str(Path(__file__).resolve().parent)
+        added = here not in sys.path
+        if added:
+            sys.path.insert(0, here)
+        try:
+            self._warm = self.pool.submit(_worker_warm, device)
+        finally:
+            if added:
+                sys.path.remove(here)
+        self.log: dict[str, float | bool] = {}
+
+    def inner_compile(self, gm, example_inputs, **kwargs):
+        """Inductor's ``compile_fx_inner``, the graph's compilation sent to the worker."""
+        import torch._inductor.compile_fx as compile_fx
+        from torch._inductor.compile_fx_ext import _OutOfProcessFxCompile
+
+        pool, log = self.pool, self.log
+        in_process = compile_fx.fx_codegen_and_compile
+        outputs = [getattr(a, "meta", {}).get("val") for a in gm.graph.output_node().args[0]]
+        traced_strides = [tuple(v.stride()) if isinstance(v, torch.Tensor) else None for v in outputs]
+
+        class ToWorker(_OutOfProcessFxCompile):
+            def _send_to_child_async(self, pickled_input):
+                return pool.submit(_worker_compile, pickled_input, _op_modules(gm))
+
+        def send(gm, example_inputs, inputs_to_check, **graph_kwargs):
+            t0 = time.perf_counter()
+            scheme = ToWorker()
+            with graph_pickling():
+                serialized = scheme.serialize_compile(gm, example_inputs, inputs_to_check, graph_kwargs)
+            if serialized is None:  # inductor cannot serialise it (it logged why): compile it here
+                log["sent"] = False
+                return in_process(gm, example_inputs, inputs_to_check, **graph_kwargs)
+            pickled, constants = serialized
+            future = scheme._send_to_child_async(pickled)
+            log.update(sent=True, send_s=time.perf_counter() - t0, worker_warm=self._warm.done())
+            return Pending(future, constants, scheme, log, traced_strides)
+
+        compile_fx.fx_codegen_and_compile = send
+        try:
+            # no FX graph cache for it: inductor would pickle the pending graph into it
+            with torch._inductor.config.patch(fx_graph_cache=False):
+                return compile_fx.compile_fx_inner(gm, example_inputs, **kwargs)
+        finally:
+            compile_fx.fx_codegen_and_compile = in_process
+
+    def summary(self) -> str:
+        log = self.log
+        if not log:
+            return "forward worker: nothing sent"
+        if not log["sent"]:
+            return "forward worker: not serialisable, compiled here"
+        return (f"forward worker: sent in {log['send_s']:.1f} s (worker {'warm' if log['worker_warm'] else 'still warming'}), "
+                f"compiled there in {log.get('compile_s', float('nan')):.1f} s, waited {log.get('wait_s', float('nan')):.1f} s, "
+                f"loaded in {log.get('load_s', float('nan')):.1f} s")
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class Pending(_OutputCodeBase):
+    """A graph being compiled in the worker: at its first call, wait for the compiled code, load it,
+    run it, and check that its outputs have the strides it was traced with, which the backward,
+    lowered meanwhile, was compiled for (inductor keeps them unless it pads rows:
+    ``comprehensive_padding``)."""
+
+    def __init__(self, future, constants, scheme, log: dict, traced_strides: list):
+        self._boxed_call = True
+        self._future, self._constants, self._scheme, self._log = future, constants, scheme, log
+        self._traced_strides = traced_strides
+        self._compiled = None
+        self._post = None
+
+    def post_compile(self, example_inputs, constants, graph_kwargs) -> None:
+        self._post = (example_inputs, constants, graph_kwargs)
+
+    def prepare_for_serialization(self) -> None:
+        pass
+
+    def set_triton_bundle(self, triton_bundle) -> None:
+        pass
+
+    def __call__(self, inputs):
+        if self._compiled is not None:
+            return self._compiled(inputs)
+        self._compiled = self._load()
+        outputs = self._compiled(inputs)
+        check_strides(outputs, self._traced_strides)
+        return outputs
+
+    def _load(self):
+        t0 = time.perf_counter()
+        try:
+            pickled, compile_s = self._future.result()
+        except Exception as e:
+            raise RuntimeError(f"the step's forward failed to compile in the worker process ({type(e).__name__}: {e}); "
+                               "run with --no-forward-worker to compile it in this process") from e
+        t1 = time.perf_counter()
+        with graph_pickling():
+            output = pickled.deserialize(self._constants)
+        self._scheme._postprocess(output)
+        compiled = output.graph
+        compiled.post_compile(*self._post)
+        self._log.update(compile_s=compile_s, wait_s=t1 - t0, load_s=time.perf_counter() - t1)
+        return compiled
+
+
+def check_strides(outputs, traced_strides: list) -> None:
+    """Stop with an error if a compiled forward's tensor outputs do not have the strides the graph
+    was traced with (the backward compiled beside it assumed them); the stride of a dimension of
+    size 1 is never used, so it may differ."""
+    for i, (out, traced) in enumerate(zip(outputs, traced_strides)):
+        if not isinstance(out, torch.Tensor) or traced is None:
+            continue
+        if any(n > 1 and a != b for n, a, b in zip(out.shape, out.stride(), traced)) or len(traced) != out.ndim:
+            raise RuntimeError(
+                f"the forward compiled in the worker returned output {i} with strides {tuple(out.stride())}, but the "
+                f"backward was compiled for {traced} (inductor padded it?): run with --lean-compile (padding off) "
+                "or without --compile-helpers")
 
 
 class Helpers:
     """The helper processes of one engine: one per role of :data:`ROLES`, each this process's command
-    line (``argv``) run again; :meth:`backend_for` is the engine's ``compile_backend``, which waits
-    for them."""
+    line (``argv``) run again, and with ``forward_worker`` (a device type) a :class:`ForwardWorker`
+    for that device; :meth:`backend_for` is the engine's ``compile_backend``, which waits for them."""
 
-    def __init__(self, argv: list[str] | None = None, timeout: float = 60.0):
+    def __init__(self, argv: list[str] | None = None, timeout: float = 60.0, forward_worker: str | None = None):
         self.marks = Path(tempfile.mkdtemp(prefix="compile_helpers_"))
         self.timeout = timeout
         self.waits = Waits()
@@ -169,19 +432,34 @@ class Helpers:
         self.procs = {graph: subprocess.Popen([sys.executable, *argv],
                                               env={**os.environ, ROLE_ENV: r, MARKS_ENV: str(self.marks)})
                       for r, graph in ROLES.items()}
+        self.worker = ForwardWorker(forward_worker) if forward_worker else None
 
     def backend_for(self, name: str):
-        return waiting_backend(name, self.marks, self.procs, self.waits, self.timeout)
+        return waiting_backend(name, self.marks, self.procs, self.waits, self.timeout, self.worker)
+
+    def summary(self) -> str:
+        return self.waits.summary() + (f"; {self.worker.summary()}" if self.worker is not None else "")
 
     def close(self) -> None:
         """End helpers still running (one that was never waited for) and remove the marks."""
         import shutil
 
+        if self.worker is not None:
+            self.worker.close()
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.terminate()
                 proc.wait()
         shutil.rmtree(self.marks, ignore_errors=True)
+
+
+def step_for_the_update(engine) -> None:
+    """In the update's helper: one step of ``engine``, its forward and backward run eagerly, not
+    traced, so that only the update is compiled (by the helper's backend). Traced as traced graphs
+    (step 14's helper) they cost the helper as much as they cost the engine's process, some 10 s of
+    dynamo and AOTAutograd, on the CPUs the engine's process then compiles with."""
+    engine._compiled_forward = None
+    engine._step()
 
 
 def helper_backend_for():

@@ -317,7 +317,7 @@ def start_timed_work(args):
     if not (args.compile_helpers and args.compile) or _HELPERS_STARTED:
         return None
     _HELPERS_STARTED = True
-    return compile_helpers.Helpers()
+    return compile_helpers.Helpers(forward_worker=None if args.no_forward_worker else torch.device(args.device).type)
 
 
 _HELPERS_STARTED = False
@@ -329,7 +329,9 @@ def report_helpers(helpers, out: dict) -> None:
         return
     helpers.close()
     out["compile_helpers"] = {g: {"waited_s": s, "marked": ok} for g, (s, ok) in helpers.waits.graphs.items()}
-    print("compile helpers: " + helpers.waits.summary())
+    if helpers.worker is not None:
+        out["compile_helpers"][compile_helpers.FORWARD_GRAPH] = dict(helpers.worker.log)
+    print("compile helpers: " + helpers.summary())
 
 
 def batched(model_name, x, y, train, test, args, config, epochs):
@@ -358,14 +360,16 @@ def batched(model_name, x, y, train, test, args, config, epochs):
 
 def run_compile_helper(args, config) -> None:
     """In a ``--compile-helpers`` helper process: one step of the engine this command line builds
-    first, on random epochs of its shapes (the graphs depend on shapes only), compiled through
-    :func:`compile_helpers.helper_backend_for` (which ends the process once its graph is compiled)."""
+    first, on random epochs of its shapes (the graphs depend on shapes only), its update compiled
+    through :func:`compile_helpers.helper_backend_for` (which ends the process once its graph is
+    compiled; :func:`compile_helpers.step_for_the_update`)."""
     folds = args.schedule_folds if args.full_only else args.folds
     n = 2 * args.batch
     x = torch.randn(n, 1, args.n_times, device=args.device)
     y = torch.randint(0, 5, (n,), device=args.device)
     rows = [np.arange(n)] * folds
-    make_engine(args.model, x, y, rows, rows, args, config, compile_backend=compile_helpers.helper_backend_for())._step()
+    compile_helpers.step_for_the_update(
+        make_engine(args.model, x, y, rows, rows, args, config, compile_backend=compile_helpers.helper_backend_for()))
 
 
 def weights_digest(engine) -> str:
@@ -407,8 +411,11 @@ def main(argv=None):
     p.add_argument("--eager-eval", action="store_true",
                    help="with --compile: evaluate eagerly (no second compiled graph)")
     p.add_argument("--compile-helpers", action="store_true",
-                   help="with --compile: the optimiser update compiled by a helper process while this one compiles "
-                        "the forward and backward (benchmarks/compile_helpers.py; the first engine built only)")
+                   help="with --compile: the optimiser update compiled by a helper process, and the step's forward by "
+                        "a worker process while this one compiles the backward (benchmarks/compile_helpers.py; the "
+                        "first engine built only)")
+    p.add_argument("--no-forward-worker", action="store_true",
+                   help="with --compile-helpers: the forward compiled in this process (the update's helper only)")
     p.add_argument("--cudnn-heuristics", action="store_true",
                    help="cuDNN picks its algorithms by heuristics (no benchmarking of each new shape)")
     add_compile_flags(p)

@@ -982,21 +982,16 @@ def test_conv_tma_probe_sweep_reports_failures_and_keeps_the_fastest(monkeypatch
 
 
 @pytest.mark.slow
-def test_compile_helper_hands_the_update_graph_over_through_inductors_cache(tmp_path, monkeypatch):
-    """A helper compiles the update graph (the step's forward and backward run as traced, as the
-    eager step would); the engine, waiting for its mark, finds the update in inductor's FX graph
-    cache (a hit, not compiled again) and trains to the weights a plain compiled engine trains to."""
+def _tiny_two_fold_engines():
+    """A builder of BatchedFolds engines of test_train's TinyNet on two overlapping folds of 96 random
+    epochs, each built afresh (dynamo reset, its counters cleared)."""
     import numpy as np
-    import torch._functorch.config as functorch_config
-    import torch._inductor.config as inductor_config
     from test_train import TinyNet
     from torch._dynamo.utils import counters
 
     from sleeplib.train.config import TrainConfig
     from sleeplib.train.fast import BatchedFolds
 
-    helpers = _load("compile_helpers")
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(96, 1, 64, generator=g), torch.randint(0, 5, (96,), generator=g)
     rows = [np.arange(0, 64), np.arange(32, 96)]
@@ -1007,6 +1002,22 @@ def test_compile_helper_hands_the_update_graph_over_through_inductors_cache(tmp_
         counters.clear()
         return BatchedFolds(TinyNet, x, y, rows, rows, None, cfg, compile_eval=False, **kwargs)
 
+    return build
+
+
+def test_compile_helper_hands_the_update_graph_over_through_inductors_cache(tmp_path, monkeypatch):
+    """A helper compiles the update graph (the step's forward and backward run eagerly); the engine,
+    waiting for its mark, finds the update in inductor's FX graph cache (a hit, not compiled again:
+    the compiled forward's outputs feed it what the eager one's do) and trains to the weights a plain
+    compiled engine trains to."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+    from torch._dynamo.utils import counters
+
+    helpers = _load("compile_helpers")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    build = _tiny_two_fold_engines()
+
     class Alive:
         def poll(self):
             return None
@@ -1016,7 +1027,7 @@ def test_compile_helper_hands_the_update_graph_over_through_inductors_cache(tmp_
     with inductor_config.patch(fx_graph_cache=True), functorch_config.patch(enable_autograd_cache=False):
         helper = build(compile=True, compile_backend=lambda name: helpers.helper_backend(
             name, {"update.inference"}, marks))
-        helper._step()
+        helpers.step_for_the_update(helper)  # the forward and backward eagerly, as the helper runs them
         assert (marks / "update.inference").exists() and counters["inductor"]["fxgraph_cache_miss"] == 1
         eager = build()
         eager._step()  # the graphs the helper ran as traced compute what the eager step does
@@ -1065,9 +1076,11 @@ def test_compile_helpers_start_with_the_timed_build_as_processes_of_this_command
     none = train_speed.start_timed_work(SimpleNamespace(compile_helpers=True, compile=False))
     assert none is None and started == [1] and train_speed.AT_START == []
     assert train_speed.start_timed_work(SimpleNamespace(compile_helpers=False, compile=True)) is None
-    real = helpers.Helpers
-    monkeypatch.setattr(helpers, "Helpers", lambda: real(["-c", script]))
-    started_helpers = train_speed.start_timed_work(SimpleNamespace(compile_helpers=True, compile=True))
+    real, asked = helpers.Helpers, []
+    monkeypatch.setattr(helpers, "Helpers", lambda forward_worker: asked.append(forward_worker) or real(["-c", script]))
+    started_helpers = train_speed.start_timed_work(SimpleNamespace(compile_helpers=True, compile=True,
+                                                                   no_forward_worker=False, device="cpu"))
+    assert asked == ["cpu"]  # a forward worker for the run's device
     try:
         seconds, marked = helpers.wait_for_mark(started_helpers.marks, "update.inference",
                                                 started_helpers.procs["update.inference"], timeout=60)
@@ -1081,23 +1094,111 @@ def test_compile_helpers_start_with_the_timed_build_as_processes_of_this_command
         assert train_speed.start_timed_work(SimpleNamespace(compile_helpers=True, compile=True)) is None
     finally:
         started_helpers.close()
+    monkeypatch.setattr(train_speed, "_HELPERS_STARTED", False)
+    train_speed.start_timed_work(SimpleNamespace(compile_helpers=True, compile=True, no_forward_worker=True,
+                                                 device="cuda:0")).close()
+    assert asked == ["cpu", None]  # --no-forward-worker: none
+
+
+def test_forward_worker_compiles_the_step_forward_while_the_engine_compiles_the_backward(tmp_path, monkeypatch):
+    """--compile-helpers' forward worker: the step's forward graph is sent to a process of its own and
+    the backward lowered at once in the engine's process, before the forward's compiled code is
+    waited for and loaded at its first call; the engine trains to the plain compiled engine's weights."""
+    import torch._inductor.compile_fx as compile_fx
+
+    helpers = _load("compile_helpers")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # the worker's too: started after
+    build = _tiny_two_fold_engines()
+
+    events = []
+    real_inner, real_load = compile_fx.compile_fx_inner, helpers.Pending._load
+    monkeypatch.setattr(compile_fx, "compile_fx_inner", lambda gm, ex, **kw: events.append(
+        helpers.graph_kind(kw)) or real_inner(gm, ex, **kw))
+    monkeypatch.setattr(helpers.Pending, "_load", lambda self: events.append("load") or real_load(self))
+    worker = helpers.ForwardWorker("cpu")
+    try:
+        sent = build(compile=True, compile_backend=lambda name: helpers.waiting_backend(
+            name, tmp_path, {}, helpers.Waits(), worker=worker))
+        sent._step()
+        sent._step()
+    finally:
+        worker.close()
+    assert events == ["forward", "backward", "load", "inference"]  # sent, the backward at once, loaded, the update
+    assert worker.log["sent"] is True and worker.log["compile_s"] > 0
+    assert "compiled there in" in worker.summary()
+    monkeypatch.setattr(compile_fx, "compile_fx_inner", real_inner)
+    plain = build(compile=True)
+    plain._step()
+    plain._step()
+    torch.testing.assert_close(sent.flat, plain.flat, rtol=0, atol=0)
+
+
+def test_forward_worker_checks_the_strides_the_backward_was_compiled_for():
+    helpers = _load("compile_helpers")
+    t = torch.zeros(4, 6)
+    helpers.check_strides([t, 3, t.t()], [(6, 1), None, (1, 6)])  # as traced: nothing to say
+    helpers.check_strides([torch.zeros(4, 1)], [(1, 7)])  # a size-1 dimension's stride is never used
+    with pytest.raises(RuntimeError, match=r"output 1 with strides \(1, 6\).*compiled for \(6, 1\).*--lean-compile"):
+        helpers.check_strides([t, t.t()], [(6, 1), (6, 1)])
+
+
+def test_forward_worker_failure_says_how_to_compile_here():
+    from concurrent.futures import Future
+
+    helpers = _load("compile_helpers")
+    failed = Future()
+    failed.set_exception(RuntimeError("worker died"))
+    pending = helpers.Pending(failed, None, None, {}, [])
+    with pytest.raises(RuntimeError, match="failed to compile in the worker process.*worker died.*--no-forward-worker"):
+        pending([])
+
+
+def test_graph_pickling_sends_any_operator_and_weak_caches_empty():
+    """Inductor's graph pickler refuses operators outside torch.ops.aten and weak containers (the
+    fake-tensor converter's memo, in a traced graph's example values); within graph_pickling both go."""
+    import weakref
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx._graph_pickler import GraphPickler
+
+    helpers = _load("compile_helpers")
+
+    class Box:
+        pass
+
+    box = Box()
+    obj = {"memo": weakref.WeakValueDictionary({"b": box}), "op": torch.ops.prims.convert_element_type.default}
+    for part in ("memo", "op"):
+        with pytest.raises(Exception):  # noqa: B017 - a PicklingError, AttributeError or BypassFxGraphCache
+            GraphPickler.dumps({part: obj[part]})
+    with helpers.graph_pickling():
+        data = GraphPickler.dumps(obj)
+    back = GraphPickler.loads(data, FakeTensorMode())
+    assert back["op"] is torch.ops.prims.convert_element_type.default
+    assert isinstance(back["memo"], weakref.WeakValueDictionary) and len(back["memo"]) == 0
+    with pytest.raises(Exception):  # noqa: B017 - patched only within
+        GraphPickler.dumps({"memo": obj["memo"]})
 
 
 def test_compile_helper_builds_the_engine_of_the_command_lines_shapes(monkeypatch):
     """A helper process makes no dataset: it builds the command line's engine (its folds, batch and
-    epoch length) on random epochs, compiled through the helper's backend, and runs one step."""
+    epoch length) on random epochs with the helper's backend, and runs one step, in which only the
+    update is traced and compiled."""
     helpers = _load("compile_helpers")
     train_speed = _load("train_speed")
     built, asked, make_engine = [], [], train_speed.make_engine
     monkeypatch.setenv(helpers.ROLE_ENV, "update")
-    monkeypatch.setattr(helpers, "helper_backend_for", lambda: lambda name: asked.append(name) or "eager")
+    compiled = []
+    monkeypatch.setattr(helpers, "helper_backend_for", lambda: lambda name: asked.append(name) or (
+        lambda gm, example_inputs: compiled.append(name) or gm.forward))
     monkeypatch.setattr(train_speed, "make_engine", lambda *a, **k: built.append(make_engine(*a, **k)) or built[-1])
     monkeypatch.setattr(train_speed, "synthetic_edf20", lambda *a: pytest.fail("a helper makes no dataset"))
     assert train_speed.main(["--device", "cpu", "--folds", "3", "--batch", "16", "--n-times", "3000",
                              "--compile", "--compile-helpers", "--skip-naive"]) == {}
     (engine,) = built
     assert (engine.K, engine.B, engine.x.shape[-1]) == (3, 16, 3000)
-    assert asked == ["step", "update"] and int(engine.step_idx) == 1  # compiled through it, one step run
+    assert asked == ["step", "update"] and int(engine.step_idx) == 1  # built with it, one step run
+    assert compiled == ["update"]  # the forward and backward not traced: run eagerly
     monkeypatch.undo()
     monkeypatch.setenv(helpers.ROLE_ENV, "nonsense")
     with pytest.raises(SystemExit, match="expected one of update"):
