@@ -18,7 +18,7 @@ kernels in child processes while the engine compiles its graphs (step 8; since s
 :data:`WARM_SHARDS` of them, each its share; since step 14 started with the engine's timed build);
 ``--tce-contiguous``: the TCE's tensors in their own order, step 8. ``--attention-kernel``: the TCE's attention by
 ``attention_op.py``, step 9. ``--no-tma``: ``cl_conv_op``'s convolutions by pointer loads only, as
-before step 10.) The whole schedule from a cold start, as measured last in step 14::
+before step 10.) The whole schedule from a cold start, as measured last in step 15::
 
     python3 benchmarks/stacked_layout.py --device cuda --skip-naive --amp bf16 --compile --cl-convs --fused \
         --full-only --lean-compile --eager-eval --warm-kernels --tce-contiguous --cudnn-heuristics \
