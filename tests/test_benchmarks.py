@@ -981,7 +981,6 @@ def test_conv_tma_probe_sweep_reports_failures_and_keeps_the_fastest(monkeypatch
     assert "fwd too big RuntimeError out of resource" in out and "'too big': inf" in out
 
 
-@pytest.mark.slow
 def _tiny_two_fold_engines():
     """A builder of BatchedFolds engines of test_train's TinyNet on two overlapping folds of 96 random
     epochs, each built afresh (dynamo reset, its counters cleared)."""
@@ -1005,6 +1004,7 @@ def _tiny_two_fold_engines():
     return build
 
 
+@pytest.mark.slow
 def test_compile_helper_hands_the_update_graph_over_through_inductors_cache(tmp_path, monkeypatch):
     """A helper compiles the update graph (the step's forward and backward run eagerly); the engine,
     waiting for its mark, finds the update in inductor's FX graph cache (a hit, not compiled again:
@@ -1100,6 +1100,7 @@ def test_compile_helpers_start_with_the_timed_build_as_processes_of_this_command
     assert asked == ["cpu", None]  # --no-forward-worker: none
 
 
+@pytest.mark.slow
 def test_forward_worker_compiles_the_step_forward_while_the_engine_compiles_the_backward(tmp_path, monkeypatch):
     """--compile-helpers' forward worker: the step's forward graph is sent to a process of its own and
     the backward lowered at once in the engine's process, before the forward's compiled code is
