@@ -9,10 +9,9 @@ so threads do not overlap them; processes do. Two kinds of helper:
 * **The update's helper** (:class:`Helpers`, one per role of :data:`ROLES`): this command line run
   again with :data:`ROLE_ENV` set. It builds the engine on a few random epochs of the run's shapes,
   runs one step with the forward and backward eagerly (:func:`step_for_the_update`) and compiles the
-  update for real, which inductor stores in its on-disk FX graph cache (graphs a helper's backend
-  does not compile it runs as traced, :class:`AsTraced`). When the engine's process reaches the
-  update it waits for the helper's mark (:func:`waiting_backend`) and inductor finds the graph in its
-  cache: the same graph, inputs and options give the same key. A helper that dies or is late costs a
+  update, which inductor stores in its on-disk FX graph cache. When the engine's process reaches
+  the update it waits for the helper's mark (:func:`waiting_backend`) and inductor finds the graph
+  in its cache: the same graph, inputs and options give the same key. A helper that dies or is late costs a
   wait of at most ``timeout`` seconds, then the engine compiles the graph itself. A helper for the
   backward marked it 35-42 s after the start, 10-12 s after the engine needed it, as such a helper
   must also import, build and trace before it compiles (step 14).
@@ -64,32 +63,6 @@ except ImportError:  # pragma: no cover - older torch
     _OutputCodeBase = object
 
 
-class AsTraced(_OutputCodeBase):
-    """A graph run as traced, op by op, in place of its compiled code: what a helper does with the
-    graphs another process compiles."""
-
-    def __init__(self, gm: torch.fx.GraphModule):
-        self.gm = gm
-        self._boxed_call = True  # AOTAutograd calls compiled graphs with a list of inputs
-        self._boxed_graph = isinstance(gm.graph._codegen, torch.fx.graph._BoxedCodeGen)
-
-    def __call__(self, inputs):
-        if self._boxed_graph:
-            return self.gm(inputs)
-        args = list(inputs)
-        inputs.clear()  # the boxed convention: the callee owns (and frees) the inputs
-        return self.gm(*args)
-
-    def post_compile(self, *args, **kwargs) -> None:
-        pass
-
-    def prepare_for_serialization(self) -> None:
-        pass
-
-    def set_triton_bundle(self, triton_bundle) -> None:
-        pass
-
-
 def _inductor_with(inner_compile):
     """Inductor as a ``torch.compile`` backend, each graph compiled by ``inner_compile`` (which
     wraps inductor's own ``compile_fx_inner``)."""
@@ -104,16 +77,14 @@ def _mark(marks: Path, graph: str) -> None:
     os.replace(tmp, marks / graph)  # atomic: the engine never sees a half-written mark
 
 
-def helper_backend(name: str, compile_for_real: set[str], marks: Path | None, exit_after: str | None = None):
+def helper_backend(name: str, marks: Path | None, exit_after: str | None = None):
     """A ``torch.compile`` backend for a helper: inductor compiles (and caches) the graphs of function
-    ``name`` whose ``<name>.<kind>`` is in ``compile_for_real``, marking each in ``marks``; the other
-    graphs run as traced. ``exit_after``: the graph after whose compilation this process ends."""
+    ``name``, marking each ``<name>.<kind>`` in ``marks``. ``exit_after``: the graph after whose
+    compilation this process ends."""
     from torch._inductor.compile_fx import compile_fx_inner
 
     def inner_compile(gm, example_inputs, **kwargs):
         graph = f"{name}.{graph_kind(kwargs)}"
-        if graph not in compile_for_real:
-            return AsTraced(gm)
         out = compile_fx_inner(gm, example_inputs, **kwargs)
         if marks is not None:
             _mark(marks, graph)
@@ -470,4 +441,5 @@ def helper_backend_for():
         raise SystemExit(f"{ROLE_ENV}={r!r}: expected one of {', '.join(ROLES)}")
     graph = ROLES[r]
     marks = Path(os.environ[MARKS_ENV])
-    return lambda name: helper_backend(name, {graph}, marks, exit_after=graph)
+    # other functions (the step's, run eagerly by step_for_the_update) are not compiled here
+    return lambda name: helper_backend(name, marks, exit_after=graph) if graph.startswith(f"{name}.") else "eager"

@@ -308,9 +308,9 @@ warming children: work for the run started before it would be left out of the ti
 
 def start_timed_work(args):
     """What starts with the first timed engine build: :data:`AT_START`'s callables, and, with
-    ``--compile-helpers``, the process that compiles the update (:class:`compile_helpers.Helpers`,
-    returned; None without the flag or at a later build: the helper builds the first engine's
-    shapes, and ``--full``'s schedule may train other folds)."""
+    ``--compile-helpers``, the processes that compile the update and the step's forward
+    (:class:`compile_helpers.Helpers`, returned; None without the flag or at a later build: the
+    helper builds the first engine's shapes, and ``--full``'s schedule may train other folds)."""
     global _HELPERS_STARTED
     while AT_START:
         AT_START.pop(0)()

@@ -1025,12 +1025,12 @@ def test_compile_helper_hands_the_update_graph_over_through_inductors_cache(tmp_
     marks = tmp_path / "marks"
     marks.mkdir()
     with inductor_config.patch(fx_graph_cache=True), functorch_config.patch(enable_autograd_cache=False):
-        helper = build(compile=True, compile_backend=lambda name: helpers.helper_backend(
-            name, {"update.inference"}, marks))
+        helper = build(compile=True, compile_backend=lambda name: helpers.helper_backend(name, marks)
+                       if name == "update" else "eager")
         helpers.step_for_the_update(helper)  # the forward and backward eagerly, as the helper runs them
         assert (marks / "update.inference").exists() and counters["inductor"]["fxgraph_cache_miss"] == 1
         eager = build()
-        eager._step()  # the graphs the helper ran as traced compute what the eager step does
+        eager._step()  # the helper's step is the eager step, its update compiled
         torch.testing.assert_close(helper.flat, eager.flat, rtol=1e-5, atol=1e-6)
 
         waits = helpers.Waits()
@@ -1201,6 +1201,10 @@ def test_compile_helper_builds_the_engine_of_the_command_lines_shapes(monkeypatc
     assert asked == ["step", "update"] and int(engine.step_idx) == 1  # built with it, one step run
     assert compiled == ["update"]  # the forward and backward not traced: run eagerly
     monkeypatch.undo()
+    monkeypatch.setenv(helpers.ROLE_ENV, "update")
+    monkeypatch.setenv(helpers.MARKS_ENV, "unused")
+    backend_for = helpers.helper_backend_for()
+    assert backend_for("step") == "eager" and callable(backend_for("update"))  # the update alone compiled
     monkeypatch.setenv(helpers.ROLE_ENV, "nonsense")
     with pytest.raises(SystemExit, match="expected one of update"):
         helpers.helper_backend_for()
