@@ -307,6 +307,11 @@ class ForwardWorker:
             log.update(sent=True, send_s=time.perf_counter() - t0, worker_warm=self._warm.done())
             return Pending(future, constants, scheme, log, traced_strides)
 
+        # every output at its traced strides, as the backward lowered beside it expects: inductor may
+        # otherwise lay out a 4-d one channels-last (an AttnSleep convolution's, saved for the backward,
+        # when compiled for the CPU)
+        output = gm.graph.output_node()
+        output.meta["user_visible_output_idxs"] = list(range(len(output.args[0])))
         compile_fx.fx_codegen_and_compile = send
         try:
             # no FX graph cache for it: inductor would pickle the pending graph into it
@@ -386,8 +391,8 @@ def check_strides(outputs, traced_strides: list) -> None:
         if any(n > 1 and a != b for n, a, b in zip(out.shape, out.stride(), traced)) or len(traced) != out.ndim:
             raise RuntimeError(
                 f"the forward compiled in the worker returned output {i} with strides {tuple(out.stride())}, but the "
-                f"backward was compiled for {traced} (inductor padded it?): run with --lean-compile (padding off) "
-                "or without --compile-helpers")
+                f"backward was compiled for {traced} (inductor padded it, or laid it out otherwise?): run with "
+                "--lean-compile (padding off) or without --compile-helpers")
 
 
 class Helpers:

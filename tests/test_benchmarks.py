@@ -1134,6 +1134,49 @@ def test_forward_worker_compiles_the_step_forward_while_the_engine_compiles_the_
     torch.testing.assert_close(sent.flat, plain.flat, rtol=0, atol=0)
 
 
+@pytest.mark.slow
+def test_forward_worker_keeps_the_traced_strides_of_attnsleeps_saved_convolutions(tmp_path, monkeypatch):
+    """AttnSleep's forward compiled for the CPU in the worker: inductor would lay out some 4-d outputs
+    of its choosing channels-last, convolutions' saved for the backward among them, which the
+    backward lowered beside it reads with their traced strides (the stride check stopped the run);
+    every output now keeps its traced strides. Without dropout (inductor draws each element's mask
+    by its place in the kernel's layout, so masks differ with layouts) the engine trains as the
+    plain compiled one does, up to rounding (the plain one's convolutions read some tensors
+    channels-last)."""
+    import numpy as np
+
+    from sleeplib.models import build_model
+    from sleeplib.train.config import get_recipe
+    from sleeplib.train.fast import BatchedFolds
+
+    helpers = _load("compile_helpers")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(48, 1, 3000, generator=g), torch.randint(0, 5, (48,), generator=g)
+    rows = [np.arange(0, 32), np.arange(16, 48)]
+    config = get_recipe("attnsleep", batch_size=16, progress=False)
+
+    def build(**kwargs):
+        torch._dynamo.reset()
+        return BatchedFolds(lambda: build_model("attnsleep", n_times=3000, dropout=0.0, mrcnn_dropout=0.0), x, y,
+                            rows, rows, None, config, compile=True, compile_eval=False, **kwargs)
+
+    worker = helpers.ForwardWorker("cpu")
+    try:
+        sent = build(compile_backend=lambda name: helpers.waiting_backend(name, tmp_path, {}, helpers.Waits(),
+                                                                          worker=worker))
+        sent._step()
+    finally:
+        worker.close()
+    assert worker.log["sent"] is True
+    plain = build()
+    plain._step()
+    torch.testing.assert_close(sent.loss_sum, plain.loss_sum, rtol=1e-5, atol=0)
+    # Adam's first step moves a weight by lr * g / (|g| + eps): rounding shows only where g is about eps
+    off = ((sent.flat - plain.flat).abs() > 1e-6).float().mean()
+    assert off < 1e-4, f"{off:.2%} of the weights differ by more than 1e-6"
+
+
 def test_forward_worker_checks_the_strides_the_backward_was_compiled_for():
     helpers = _load("compile_helpers")
     t = torch.zeros(4, 6)
