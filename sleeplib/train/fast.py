@@ -91,9 +91,11 @@ class BatchedFolds:
         ``torch.compile`` the training forward (with its backward), the optimiser update and the
         evaluation forward.
     compile_backend : str or callable
-        The ``torch.compile`` backend of the compiled functions: a backend (default "inductor"), or
-        ``backend_for(name) -> backend``, asked for ``"step"`` (the training forward, its backward)
-        and ``"update"`` (the optimiser update), e.g. by ``benchmarks/compile_helpers.py``.
+        The ``torch.compile`` backend of the compiled functions: a backend's name (default
+        "inductor"), or ``backend_for(name) -> backend``, asked for ``"step"`` (the training forward,
+        its backward) and ``"update"`` (the optimiser update), e.g. by
+        ``benchmarks/compile_helpers.py``. A callable is always taken for ``backend_for``: wrap a
+        backend function as ``lambda name: backend``.
     compile_eval : bool
         With ``compile``, compile the evaluation forward too. False: evaluation runs eagerly, which
         saves a second graph's compilation (18 s of a cold start on an H100 for AttnSleep with
