@@ -64,7 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cl_conv_op  # noqa: E402
 from attention_op import attention_cl, attention_reference  # noqa: E402
-from bn_act_op import bn_act_cl  # noqa: E402
+from bn_act_op import bn_act_cl, bn_act_eval_cl  # noqa: E402
 from cl_conv_op import conv1d_cl, conv1d_windows, kernels_usable, max_pool_cl  # noqa: E402
 
 from sleeplib.models.attnsleep import AttnSleep  # noqa: E402
@@ -100,9 +100,10 @@ ALIGNED_WINDOWS = True
 (:func:`_aligned_windows`) where that costs no extra work (:func:`_aligning_is_free`: the large
 branch); ``--strided-windows``: all in place, ``stride`` samples apart (step 7)."""
 FUSED = False
-"""With cl_convs, in training (``--fused``): each ``BatchNorm1d -> GELU`` pair of a ``Sequential`` (the
-MRCNN's) by ``bn_act_op.bn_act_cl``, each ``MaxPool1d -> Dropout`` pair by ``max_pool_cl`` with its
-dropout, instead of inductor's kernels."""
+"""With cl_convs (``--fused``): each ``BatchNorm1d -> GELU`` pair of a ``Sequential`` (the MRCNN's) by
+``bn_act_op.bn_act_cl`` in training and by ``bn_act_op.bn_act_eval_cl`` in evaluation without
+gradients (one pass instead of eager fp32 batch norm and GELU), each ``MaxPool1d -> Dropout`` pair by
+``max_pool_cl`` with its dropout in training, instead of inductor's kernels."""
 ATTENTION_KERNEL = False
 """With cl_convs (``--attention-kernel``): the TCE's multi-head attention (scores, softmax, dropout,
 weighted values, for every head) by ``attention_op.attention_cl``, one Triton kernel forward and one
@@ -452,7 +453,8 @@ def _spread_rows(kernel: int, stride: int, width: int, device: torch.device) -> 
 
 
 def _fusable_bn_act(run, bn: nn.Module, act: nn.Module | None) -> bool:
-    return (FUSED and run.training and type(bn) is nn.BatchNorm1d and type(act) is nn.GELU
+    # the evaluation-mode op has no gradient: evaluation with gradients takes the plain path
+    return (FUSED and (run.training or not torch.is_grad_enabled()) and type(bn) is nn.BatchNorm1d and type(act) is nn.GELU
             and act.approximate == "none" and bn.affine and bn.track_running_stats and bn.momentum is not None)
 
 
@@ -462,9 +464,15 @@ def _fusable_pool_dropout(run, pool: nn.Module, drop: nn.Module | None) -> bool:
 
 
 def _cl_bn_gelu(run, bn: nn.BatchNorm1d, prefix, x):
-    """Training-mode batch norm and exact GELU of ``(B, L, K, C)`` by one fused op (bn_act_op); the
-    running statistics updated as ``F.batch_norm`` does (unbiased variance)."""
+    """Batch norm and exact GELU of ``(B, L, K, C)`` by one fused op (bn_act_op): in training with the
+    batch's statistics, the running ones updated as ``F.batch_norm`` does (unbiased variance); in
+    evaluation with the running ones."""
     B, L, K, C = x.shape
+    if not run.training:
+        y = bn_act_eval_cl(x.to(_autocast_dtype(x)).reshape(B * L, K * C), run.p(prefix, "weight").reshape(-1),
+                           run.p(prefix, "bias").reshape(-1), run.buffers[prefix + "running_mean"].view(-1),
+                           run.buffers[prefix + "running_var"].view(-1), bn.eps, "gelu")
+        return y.view(B, L, K, C)
     nbt = run.buffers.get(prefix + "num_batches_tracked")
     if nbt is not None:
         nbt.add_(1)

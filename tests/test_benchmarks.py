@@ -62,8 +62,10 @@ def test_stacked_layout_matches_vmap_outputs_statistics_and_gradients(cl_convs, 
     attended = []
     monkeypatch.setattr(stacked, "attention_reference",
                         lambda *a: attended.append(a[3]) or _load("attention_op").attention_reference(*a))
-    calls = []
+    calls, eval_calls = [], []
     monkeypatch.setattr(stacked, "bn_act_cl", lambda *a: calls.append(a[-1]) or _load("bn_act_op").bn_act_cl(*a))
+    monkeypatch.setattr(stacked, "bn_act_eval_cl",
+                        lambda *a: eval_calls.append(a[-1]) or _load("bn_act_op").bn_act_eval_cl(*a))
     # float64: in float32 the two orders of summation can flip a max-pool's choice between two
     # nearly equal values (seen at batch 6), which reroutes a gradient and makes the check flaky
     torch.manual_seed(0)
@@ -83,8 +85,9 @@ def test_stacked_layout_matches_vmap_outputs_statistics_and_gradients(cl_convs, 
         b_stacked = {n: t.clone() for n, t in buffers.items()}
         p_vmap = {n: t.detach().clone().requires_grad_() for n, t in params.items()}
         p_stacked = {n: t.detach().clone().requires_grad_() for n, t in params.items()}
-        expected = run_vmap(p_vmap, b_vmap)
-        got = stacked.stacked_forward(skeleton, p_stacked, b_stacked, x, cl_convs=cl_convs)
+        with torch.set_grad_enabled(training):  # the engine evaluates without gradients
+            expected = run_vmap(p_vmap, b_vmap)
+            got = stacked.stacked_forward(skeleton, p_stacked, b_stacked, x, cl_convs=cl_convs)
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
         for name in buffers:  # running statistics move (training) or stay (eval) alike
             torch.testing.assert_close(b_stacked[name], b_vmap[name], rtol=1e-9, atol=1e-10)
@@ -96,8 +99,13 @@ def test_stacked_layout_matches_vmap_outputs_statistics_and_gradients(cl_convs, 
                 assert (p.grad is None) == (p_stacked[name].grad is None), name
                 if p.grad is not None:  # biases right before a batch norm get only rounding noise
                     torch.testing.assert_close(p_stacked[name].grad, p.grad, rtol=1e-7, atol=1e-9 * float(scale))
-    assert calls == ["gelu"] * 6 * fused  # the MRCNN's six BatchNorm -> GELU pairs, in training only
+    assert calls == ["gelu"] * 6 * fused  # the MRCNN's six BatchNorm -> GELU pairs, in training
+    assert eval_calls == ["gelu"] * 6 * fused  # and in evaluation
     assert attended == [5] * 4 * attention  # two TCE layers, training and evaluation
+    if fused:  # evaluation with gradients takes the plain path: the evaluation op has none
+        skeleton.eval()
+        stacked.stacked_forward(skeleton, p_stacked, b_stacked, x, cl_convs=cl_convs).sum().backward()
+        assert eval_calls == ["gelu"] * 6
 
 
 def test_stacked_layout_fuses_max_pool_and_dropout_in_training(monkeypatch):
@@ -733,6 +741,11 @@ def _bn_act_expected(x, w, b, act):
     return {"gelu": torch.nn.functional.gelu, "relu": torch.relu, "none": lambda t: t}[act](y)
 
 
+def _bn_act_eval_expected(x, w, b, running_mean, running_var, act):
+    y = torch.nn.functional.batch_norm(x, running_mean, running_var, w, b, False, 0.1, 1e-5)
+    return {"gelu": torch.nn.functional.gelu, "relu": torch.relu, "none": lambda t: t}[act](y)
+
+
 @pytest.mark.parametrize("case", BN_ACT_CASES)
 def test_bn_act_op_matches_batch_norm_and_activation_with_gradients(case):
     op = _load("bn_act_op")
@@ -746,6 +759,19 @@ def test_bn_act_op_matches_batch_norm_and_activation_with_gradients(case):
     gy = torch.randn_like(want)
     torch.testing.assert_close(torch.autograd.grad((got * gy).sum(), (x, w, b)),
                                torch.autograd.grad((want * gy).sum(), (x, w, b)))
+
+
+@pytest.mark.parametrize("case", BN_ACT_CASES)
+def test_bn_act_eval_op_is_the_evaluation_mode_batch_norm_and_activation(case):
+    op = _load("bn_act_op")
+    R, N, act = case
+    x, w, b, shift = _bn_act_case(R, N, torch.float64)
+    running_var = torch.rand(N, dtype=torch.float64) * 4 + 0.5
+    got = op.bn_act_eval_cl(x.detach(), w.detach(), b.detach(), shift, running_var, 1e-5, act)
+    want = _bn_act_eval_expected(x.detach(), w.detach(), b.detach(), shift, running_var, act)
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="act must be one of"):
+        op.bn_act_eval_cl(x.detach(), w.detach(), b.detach(), shift, running_var, 1e-5, "tanh")
 
 
 def test_bn_act_op_says_what_it_needs():
@@ -767,8 +793,8 @@ def test_bn_act_kernels_in_the_triton_interpreter():
 import sys, torch
 sys.path.insert(0, {str(BENCHMARKS)!r}); sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
 import bn_act_op as op
-from test_benchmarks import BN_ACT_CASES, _bn_act_case, _bn_act_expected
-op.bn_act_reference = op._backward_reference = None  # the kernels must do the work
+from test_benchmarks import BN_ACT_CASES, _bn_act_case, _bn_act_expected, _bn_act_eval_expected
+op.bn_act_reference = op._backward_reference = op.bn_act_eval_reference = None  # the kernels must do the work
 assert op.kernels_usable(torch.zeros(1))
 for R, N, act in BN_ACT_CASES:
     x, w, b, shift = _bn_act_case(R, N, torch.float32)
@@ -780,6 +806,10 @@ for R, N, act in BN_ACT_CASES:
     pairs = zip((got, *torch.autograd.grad((got * gy).sum(), (x, w, b))), (want, *torch.autograd.grad((want * gy).sum(), (x, w, b))))
     for a, e in pairs:
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
+    running_var = torch.rand(N) * 4 + 0.5  # evaluation mode: the running statistics
+    got = op.bn_act_eval_cl(x.detach(), w.detach(), b.detach(), shift, running_var, 1e-5, act)
+    want = _bn_act_eval_expected(x.detach(), w.detach(), b.detach(), shift, running_var, act)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 # the kernels' exact GELU (erf by Abramowitz & Stegun) and its derivative, across the range, in float64
 import math, triton, triton.language as tl
