@@ -21,6 +21,11 @@ so threads do not overlap them; processes do. Two kinds of helper:
   side by side. The graph travels as inductor's out-of-process compilation sends it
   (:func:`graph_pickling`), the compiled code comes back and is loaded at the forward's first call
   (:class:`Pending`).
+* **The backward's worker** (``--train-while-compiling``): a second such process, to which the
+  engine's process sends the backward as well; the engine's process, free once both graphs are
+  traced and sent, trains meanwhile: the traced graphs run eagerly at the first step
+  (:class:`Pending`'s fallback), the engine's eager step after it (``BatchedFolds``'
+  ``compiled_ready``), until both compiled graphs are back (:meth:`Helpers.ready`).
 """
 
 from __future__ import annotations
@@ -121,11 +126,12 @@ def wait_for_mark(marks: Path, graph: str, proc, timeout: float) -> tuple[float,
 
 
 def waiting_backend(name: str, marks: Path, helpers: dict[str, subprocess.Popen], waits: Waits,
-                    timeout: float = 60.0, worker: ForwardWorker | None = None):
+                    timeout: float = 60.0, worker: ForwardWorker | None = None,
+                    backward_worker: ForwardWorker | None = None):
     """The engine's backend: inductor as usual, but before compiling a graph that a live helper
     compiles (``helpers``: graph -> process), wait for its mark, at most ``timeout`` seconds, so that
     inductor finds it in its cache; the graph :data:`FORWARD_GRAPH` sent to ``worker``, and then the
-    backward lowered at once."""
+    backward lowered at once (:data:`BACKWARD_GRAPH` sent to ``backward_worker`` if given)."""
     from torch._inductor.compile_fx import compile_fx_inner
 
     def inner_compile(gm, example_inputs, **kwargs):
@@ -134,6 +140,8 @@ def waiting_backend(name: str, marks: Path, helpers: dict[str, subprocess.Popen]
             waits.graphs[graph] = wait_for_mark(marks, graph, helpers[graph], timeout)
         if worker is not None and graph == FORWARD_GRAPH:
             return worker.inner_compile(gm, example_inputs, **kwargs)
+        if backward_worker is not None and graph == BACKWARD_GRAPH:
+            return backward_worker.inner_compile(gm, example_inputs, **kwargs)
         return compile_fx_inner(gm, example_inputs, **kwargs)
 
     inductor = _inductor_with(inner_compile)
@@ -150,6 +158,8 @@ def waiting_backend(name: str, marks: Path, helpers: dict[str, subprocess.Popen]
 
 FORWARD_GRAPH = "step.forward"
 """The graph :class:`ForwardWorker` compiles: the training step's forward."""
+BACKWARD_GRAPH = "step.backward"
+"""The graph the backward's worker compiles (``Helpers(backward_worker=True)``)."""
 
 _WEAK_CONTAINERS = (weakref.WeakValueDictionary, weakref.WeakKeyDictionary, weakref.WeakSet)
 
@@ -260,9 +270,11 @@ class ForwardWorker:
     """A process, spawned at the build, that compiles the step's forward graph while the engine's
     process compiles its backward (:func:`waiting_backend`): inductor's compilation of a graph, sent
     serialised (:func:`graph_pickling`); the compiled code comes back and is loaded at the first call
-    (:class:`Pending`). A graph inductor cannot serialise is compiled in the engine's process."""
+    (:class:`Pending`). A graph inductor cannot serialise is compiled in the engine's process.
+    ``fallback``: until the compiled code is back, a call runs the traced graph eagerly instead of
+    waiting. ``label``: the graph's name in :meth:`summary`."""
 
-    def __init__(self, device: str):
+    def __init__(self, device: str, fallback: bool = False, label: str = "forward"):
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
@@ -279,6 +291,13 @@ class ForwardWorker:
             if added:
                 sys.path.remove(here)
         self.log: dict[str, float | bool] = {}
+        self.fallback, self.label = fallback, label
+        self.future = None  # the compilation sent, once sent
+        self._done_here = False  # not serialisable: compiled in the engine's process
+
+    def done(self) -> bool:
+        """Whether the graph's compiled code is back (or failed: its first call says so)."""
+        return self._done_here or (self.future is not None and self.future.done())
 
     def inner_compile(self, gm, example_inputs, **kwargs):
         """Inductor's ``compile_fx_inner``, the graph's compilation sent to the worker."""
@@ -288,7 +307,9 @@ class ForwardWorker:
         pool, log = self.pool, self.log
         in_process = compile_fx.fx_codegen_and_compile
         outputs = [getattr(a, "meta", {}).get("val") for a in gm.graph.output_node().args[0]]
-        traced_strides = [tuple(v.stride()) if isinstance(v, torch.Tensor) else None for v in outputs]
+        # checked at the first call for a forward (below); a backward's gradients may take any
+        traced_strides = [tuple(v.stride()) if isinstance(v, torch.Tensor) and not kwargs.get("is_backward") else None
+                          for v in outputs]
 
         class ToWorker(_OutOfProcessFxCompile):
             def _send_to_child_async(self, pickled_input):
@@ -301,17 +322,19 @@ class ForwardWorker:
                 serialized = scheme.serialize_compile(gm, example_inputs, inputs_to_check, graph_kwargs)
             if serialized is None:  # inductor cannot serialise it (it logged why): compile it here
                 log["sent"] = False
+                self._done_here = True
                 return in_process(gm, example_inputs, inputs_to_check, **graph_kwargs)
             pickled, constants = serialized
-            future = scheme._send_to_child_async(pickled)
+            future = self.future = scheme._send_to_child_async(pickled)
             log.update(sent=True, send_s=time.perf_counter() - t0, worker_warm=self._warm.done())
-            return Pending(future, constants, scheme, log, traced_strides)
+            return Pending(future, constants, scheme, log, traced_strides, fallback=gm if self.fallback else None)
 
-        # every output at its traced strides, as the backward lowered beside it expects: inductor may
-        # otherwise lay out a 4-d one channels-last (an AttnSleep convolution's, saved for the backward,
-        # when compiled for the CPU)
-        output = gm.graph.output_node()
-        output.meta["user_visible_output_idxs"] = list(range(len(output.args[0])))
+        # every output of a forward at its traced strides, as the backward lowered beside it expects:
+        # inductor may otherwise lay out a 4-d one channels-last (an AttnSleep convolution's, saved
+        # for the backward, when compiled for the CPU)
+        if not kwargs.get("is_backward"):
+            output = gm.graph.output_node()
+            output.meta["user_visible_output_idxs"] = list(range(len(output.args[0])))
         compile_fx.fx_codegen_and_compile = send
         try:
             # no FX graph cache for it: inductor would pickle the pending graph into it
@@ -321,14 +344,15 @@ class ForwardWorker:
             compile_fx.fx_codegen_and_compile = in_process
 
     def summary(self) -> str:
-        log = self.log
+        log, who = self.log, f"{self.label} worker"
         if not log:
-            return "forward worker: nothing sent"
+            return f"{who}: nothing sent"
         if not log["sent"]:
-            return "forward worker: not serialisable, compiled here"
-        return (f"forward worker: sent in {log['send_s']:.1f} s (worker {'warm' if log['worker_warm'] else 'still warming'}), "
+            return f"{who}: not serialisable, compiled here"
+        eager = f", {log['fallback_calls']} call(s) run eagerly meanwhile" if "fallback_calls" in log else ""
+        return (f"{who}: sent in {log['send_s']:.1f} s (worker {'warm' if log['worker_warm'] else 'still warming'}), "
                 f"compiled there in {log.get('compile_s', float('nan')):.1f} s, waited {log.get('wait_s', float('nan')):.1f} s, "
-                f"loaded in {log.get('load_s', float('nan')):.1f} s")
+                f"loaded in {log.get('load_s', float('nan')):.1f} s{eager}")
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -338,12 +362,15 @@ class Pending(_OutputCodeBase):
     """A graph being compiled in the worker: at its first call, wait for the compiled code, load it,
     run it, and check that its outputs have the strides it was traced with, which the backward,
     lowered meanwhile, was compiled for (inductor keeps them unless it pads rows:
-    ``comprehensive_padding``)."""
+    ``comprehensive_padding``). ``fallback``: the traced graph (ATen operations), run eagerly by the
+    calls that come before the compiled code is back instead of waiting; its outputs have the traced
+    strides, being what they were traced from."""
 
-    def __init__(self, future, constants, scheme, log: dict, traced_strides: list):
+    def __init__(self, future, constants, scheme, log: dict, traced_strides: list, fallback=None):
         self._boxed_call = True
         self._future, self._constants, self._scheme, self._log = future, constants, scheme, log
         self._traced_strides = traced_strides
+        self._fallback = fallback
         self._compiled = None
         self._post = None
 
@@ -359,6 +386,9 @@ class Pending(_OutputCodeBase):
     def __call__(self, inputs):
         if self._compiled is not None:
             return self._compiled(inputs)
+        if self._fallback is not None and not self._future.done():
+            self._log["fallback_calls"] = self._log.get("fallback_calls", 0) + 1
+            return self._fallback(*inputs)
         self._compiled = self._load()
         outputs = self._compiled(inputs)
         check_strides(outputs, self._traced_strides)
@@ -400,7 +430,8 @@ class Helpers:
     line (``argv``) run again, and with ``forward_worker`` (a device type) a :class:`ForwardWorker`
     for that device; :meth:`backend_for` is the engine's ``compile_backend``, which waits for them."""
 
-    def __init__(self, argv: list[str] | None = None, timeout: float = 60.0, forward_worker: str | None = None):
+    def __init__(self, argv: list[str] | None = None, timeout: float = 60.0, forward_worker: str | None = None,
+                 backward_worker: bool = False):
         self.marks = Path(tempfile.mkdtemp(prefix="compile_helpers_"))
         self.timeout = timeout
         self.waits = Waits()
@@ -408,20 +439,36 @@ class Helpers:
         self.procs = {graph: subprocess.Popen([sys.executable, *argv],
                                               env={**os.environ, ROLE_ENV: r, MARKS_ENV: str(self.marks)})
                       for r, graph in ROLES.items()}
-        self.worker = ForwardWorker(forward_worker) if forward_worker else None
+        if backward_worker and not forward_worker:
+            raise ValueError("a backward worker goes with a forward worker (forward_worker: the device type)")
+        self.worker = ForwardWorker(forward_worker, fallback=backward_worker) if forward_worker else None
+        self.backward_worker = (ForwardWorker(forward_worker, fallback=True, label="backward")
+                                if backward_worker else None)
 
     def backend_for(self, name: str):
-        return waiting_backend(name, self.marks, self.procs, self.waits, self.timeout, self.worker)
+        return waiting_backend(name, self.marks, self.procs, self.waits, self.timeout, self.worker, self.backward_worker)
+
+    def ready(self, name: str = "step") -> bool:
+        """The engine's ``compiled_ready``: for ``"step"``, whether the workers' compiled graphs are
+        back; for ``"update"``, whether its helper has marked it (or ended), so that inductor finds
+        it in its cache instead of the engine waiting for it."""
+        if name == "update":
+            graph = ROLES["update"]
+            proc = self.procs.get(graph)
+            return proc is None or (self.marks / graph).exists() or proc.poll() is not None
+        return all(w.done() for w in (self.worker, self.backward_worker) if w is not None)
 
     def summary(self) -> str:
-        return self.waits.summary() + (f"; {self.worker.summary()}" if self.worker is not None else "")
+        return self.waits.summary() + "".join(f"; {w.summary()}" for w in (self.worker, self.backward_worker)
+                                              if w is not None)
 
     def close(self) -> None:
         """End helpers still running (one that was never waited for) and remove the marks."""
         import shutil
 
-        if self.worker is not None:
-            self.worker.close()
+        for worker in (self.worker, self.backward_worker):
+            if worker is not None:
+                worker.close()
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.terminate()

@@ -106,8 +106,13 @@ def naive(model_name, x, y, train_idx, args, config):
     return per_step * steps_per_epoch, per_step
 
 
-def make_engine(model_name, x, y, train, test, args, config, time_phases=False, compile_backend="inductor"):
-    """The batched engine as the command line asks (timed runs and the --full schedule alike)."""
+def make_engine(model_name, x, y, train, test, args, config, time_phases=False, compile_backend="inductor",
+                helpers=None):
+    """The batched engine as the command line asks (timed runs and the --full schedule alike);
+    ``helpers``: the :class:`compile_helpers.Helpers` it compiles with (``compile_backend`` then
+    theirs, and with ``--train-while-compiling`` their readiness)."""
+    if helpers is not None:
+        compile_backend = helpers.backend_for
     def model_fn():
         return build_model(model_name, n_times=x.shape[-1])
 
@@ -119,6 +124,7 @@ def make_engine(model_name, x, y, train, test, args, config, time_phases=False, 
                         [[1.0] * 5] * len(train), config, device=args.device, cuda_graphs=args.graphs,
                         last_batch=args.last_batch, compile=args.compile, compile_backend=compile_backend,
                         compile_eval=not args.eager_eval,
+                        compiled_ready=helpers.ready if helpers is not None and helpers.backward_worker else None,
                         bn_fp32=not args.bn_bf16,
                         time_phases=time_phases)
 
@@ -317,32 +323,39 @@ def start_timed_work(args):
     if not (args.compile_helpers and args.compile) or _HELPERS_STARTED:
         return None
     _HELPERS_STARTED = True
-    return compile_helpers.Helpers(forward_worker=None if args.no_forward_worker else torch.device(args.device).type)
+    return compile_helpers.Helpers(forward_worker=None if args.no_forward_worker else torch.device(args.device).type,
+                                   backward_worker=getattr(args, "train_while_compiling", False))
 
 
 _HELPERS_STARTED = False
 
 
-def report_helpers(helpers, out: dict) -> None:
-    """After the first epoch: what the engine waited for, into ``out`` and printed; ends the helpers."""
+def report_helpers(helpers, out: dict, engine) -> bool:
+    """After an epoch, once the engine has run its compiled step: what it waited for, into ``out``
+    and printed; ends the helpers. Returns whether it did (with ``--train-while-compiling`` the
+    first epochs may run before the workers are done)."""
     if helpers is None:
-        return
+        return True
+    if helpers.backward_worker is not None and not engine._step_ran_compiled:
+        return False
     helpers.close()
     out["compile_helpers"] = {g: {"waited_s": s, "marked": ok} for g, (s, ok) in helpers.waits.graphs.items()}
-    if helpers.worker is not None:
-        out["compile_helpers"][compile_helpers.FORWARD_GRAPH] = dict(helpers.worker.log)
-    print("compile helpers: " + helpers.summary())
+    for graph, worker in ((compile_helpers.FORWARD_GRAPH, helpers.worker),
+                          (compile_helpers.BACKWARD_GRAPH, helpers.backward_worker)):
+        if worker is not None:
+            out["compile_helpers"][graph] = dict(worker.log)
+    print(f"compile helpers (after epoch {engine.epoch}): " + helpers.summary())
+    return True
 
 
 def batched(model_name, x, y, train, test, args, config, epochs):
     t_build = time.perf_counter()
     helpers = start_timed_work(args)
-    engine = make_engine(model_name, x, y, train, test, args, config, time_phases=True,
-                         compile_backend=helpers.backend_for if helpers is not None else "inductor")
+    engine = make_engine(model_name, x, y, train, test, args, config, time_phases=True, helpers=helpers)
     sync(args.device)
     build = time.perf_counter() - t_build
     report = ColdStartReport(engine) if args.cold_start_report else None
-    epoch_times = []
+    epoch_times, reported = [], False
     for _ in range(epochs):
         t0 = time.perf_counter()
         engine.run_epoch()
@@ -354,7 +367,8 @@ def batched(model_name, x, y, train, test, args, config, epochs):
                 report.print()
                 engine.cold_start = report.summary()
                 report.close()
-            report_helpers(helpers, engine.cold_start)
+        if not reported:
+            reported = report_helpers(helpers, engine.cold_start, engine)
     return engine, build, epoch_times
 
 
@@ -416,6 +430,9 @@ def main(argv=None):
                         "first engine built only)")
     p.add_argument("--no-forward-worker", action="store_true",
                    help="with --compile-helpers: the forward compiled in this process (the update's helper only)")
+    p.add_argument("--train-while-compiling", action="store_true",
+                   help="with --compile-helpers: the backward compiled by a second worker process too, and this "
+                        "one training meanwhile, eagerly (BatchedFolds' compiled_ready)")
     p.add_argument("--cudnn-heuristics", action="store_true",
                    help="cuDNN picks its algorithms by heuristics (no benchmarking of each new shape)")
     add_compile_flags(p)
@@ -513,25 +530,24 @@ def run_full_schedule(args, x, y, subject, config):
     log = json.loads(log_path.read_text()) if log_path and log_path.exists() else {"processes": []}
     t0 = time.perf_counter()
     helpers = start_timed_work(args)
-    eng = make_engine(args.model, x, y, train_s, test_s, args, config_full,
-                      compile_backend=helpers.backend_for if helpers is not None else "inductor")
+    eng = make_engine(args.model, x, y, train_s, test_s, args, config_full, helpers=helpers)
     sync(args.device)
     t_built = time.perf_counter()
     if args.checkpoint and Path(args.checkpoint).exists():
         eng.load_state(args.checkpoint)
     first_epoch = eng.epoch + 1
     report = ColdStartReport(eng) if args.cold_start_report else None
-    epoch_s, log_extra = [], {}
+    epoch_s, log_extra, reported = [], {}, False
     while eng.epoch < args.schedule_epochs and (not epoch_s or time.perf_counter() - t0 < args.time_limit):
         t_epoch = time.perf_counter()
         eng.run_epoch()
         sync(args.device)
         epoch_s.append(time.perf_counter() - t_epoch)
-        if len(epoch_s) == 1:
-            if report is not None:
-                report.print()
-                report.close()
-            report_helpers(helpers, log_extra)
+        if len(epoch_s) == 1 and report is not None:
+            report.print()
+            report.close()
+        if not reported:
+            reported = report_helpers(helpers, log_extra, eng)
     if args.checkpoint:
         eng.save_state(args.checkpoint)
     sync(args.device)

@@ -1011,7 +1011,7 @@ def test_conv_tma_probe_sweep_reports_failures_and_keeps_the_fastest(monkeypatch
     assert "fwd too big RuntimeError out of resource" in out and "'too big': inf" in out
 
 
-def _tiny_two_fold_engines():
+def _tiny_two_fold_engines(dropout: float = 0.2):
     """A builder of BatchedFolds engines of test_train's TinyNet on two overlapping folds of 96 random
     epochs, each built afresh (dynamo reset, its counters cleared)."""
     import numpy as np
@@ -1029,7 +1029,7 @@ def _tiny_two_fold_engines():
     def build(**kwargs):
         torch._dynamo.reset()
         counters.clear()
-        return BatchedFolds(TinyNet, x, y, rows, rows, None, cfg, compile_eval=False, **kwargs)
+        return BatchedFolds(lambda: TinyNet(dropout=dropout), x, y, rows, rows, None, cfg, compile_eval=False, **kwargs)
 
     return build
 
@@ -1107,17 +1107,18 @@ def test_compile_helpers_start_with_the_timed_build_as_processes_of_this_command
     assert none is None and started == [1] and train_speed.AT_START == []
     assert train_speed.start_timed_work(SimpleNamespace(compile_helpers=False, compile=True)) is None
     real, asked = helpers.Helpers, []
-    monkeypatch.setattr(helpers, "Helpers", lambda forward_worker: asked.append(forward_worker) or real(["-c", script]))
+    monkeypatch.setattr(helpers, "Helpers", lambda forward_worker, backward_worker=False: asked.append(
+        (forward_worker, backward_worker)) or real(["-c", script]))
     started_helpers = train_speed.start_timed_work(SimpleNamespace(compile_helpers=True, compile=True,
                                                                    no_forward_worker=False, device="cpu"))
-    assert asked == ["cpu"]  # a forward worker for the run's device
+    assert asked == [("cpu", False)]  # a forward worker for the run's device
     try:
         seconds, marked = helpers.wait_for_mark(started_helpers.marks, "update.inference",
                                                 started_helpers.procs["update.inference"], timeout=60)
         assert marked and (started_helpers.marks / "update.inference").read_text() == "update"
         out = {}
         started_helpers.waits.graphs["update.inference"] = (seconds, marked)
-        train_speed.report_helpers(started_helpers, out)
+        assert train_speed.report_helpers(started_helpers, out, SimpleNamespace(epoch=1, _step_ran_compiled=False))
         assert out["compile_helpers"]["update.inference"]["marked"] is True
         assert not started_helpers.marks.exists()  # closed: the marks removed
         # a later engine (--full's schedule after the timed epochs) gets no helper: it builds the first's shapes
@@ -1127,7 +1128,29 @@ def test_compile_helpers_start_with_the_timed_build_as_processes_of_this_command
     monkeypatch.setattr(train_speed, "_HELPERS_STARTED", False)
     train_speed.start_timed_work(SimpleNamespace(compile_helpers=True, compile=True, no_forward_worker=True,
                                                  device="cuda:0")).close()
-    assert asked == ["cpu", None]  # --no-forward-worker: none
+    assert asked == [("cpu", False), (None, False)]  # --no-forward-worker: none
+    monkeypatch.setattr(train_speed, "_HELPERS_STARTED", False)
+    train_speed.start_timed_work(SimpleNamespace(compile_helpers=True, compile=True, no_forward_worker=False,
+                                                 train_while_compiling=True, device="cpu")).close()
+    assert asked[-1] == ("cpu", True)  # --train-while-compiling: a backward worker too
+
+
+def test_report_helpers_waits_for_the_compiled_step_when_training_while_compiling():
+    """With a backward worker, the helpers are reported (and closed) after the first epoch whose
+    steps ran the compiled step, not before: they may still be compiling."""
+    from types import SimpleNamespace
+
+    train_speed = _load("train_speed")
+    closed = []
+    worker = SimpleNamespace(log={"sent": True}, summary=lambda: "w")
+    fake = SimpleNamespace(backward_worker=worker, worker=worker, waits=SimpleNamespace(graphs={}),
+                           close=lambda: closed.append(1), summary=lambda: "s")
+    out = {}
+    assert not train_speed.report_helpers(fake, out, SimpleNamespace(epoch=1, _step_ran_compiled=False))
+    assert closed == [] and out == {}
+    assert train_speed.report_helpers(fake, out, SimpleNamespace(epoch=3, _step_ran_compiled=True))
+    assert closed == [1] and set(out["compile_helpers"]) == {"step.forward", "step.backward"}
+    assert train_speed.report_helpers(None, out, None)  # no helpers: nothing to wait for
 
 
 @pytest.mark.slow
@@ -1162,6 +1185,49 @@ def test_forward_worker_compiles_the_step_forward_while_the_engine_compiles_the_
     plain._step()
     plain._step()
     torch.testing.assert_close(sent.flat, plain.flat, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_engine_trains_eagerly_while_workers_compile_the_step(tmp_path, monkeypatch):
+    """--train-while-compiling: the step's forward and backward are each sent to a worker process;
+    the first step runs the traced graphs eagerly (the workers' Pending fallbacks), the next ones the
+    engine's eager step while compiled_ready() is False, then the compiled step, loaded at its first
+    call. Without dropout (the eager and compiled steps draw their masks differently) the engine
+    trains to the plain compiled engine's weights, up to rounding; with dropout it trains too."""
+    import time
+
+    helpers = _load("compile_helpers")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+
+    def train(dropout: float):
+        build = _tiny_two_fold_engines(dropout)
+        hs = helpers.Helpers(["-c", "pass"], forward_worker="cpu", backward_worker=True)
+        ran = []
+        try:
+            engine = build(compile=True, compile_backend=hs.backend_for, compiled_ready=hs.ready)
+            engine._step()  # traced: both graphs sent, then run eagerly here
+            ran.append(engine._step_ran_compiled)
+            assert not hs.ready() and hs.worker.log["fallback_calls"] == 1 == hs.backward_worker.log["fallback_calls"]
+            engine._step()  # the engine's eager step
+            ran.append(engine._step_ran_compiled)
+            t0 = time.perf_counter()
+            while not hs.ready() and time.perf_counter() - t0 < 300:
+                time.sleep(0.1)
+            engine._step()  # compiled, loaded now
+            ran.append(engine._step_ran_compiled)
+            assert "loaded in" in hs.summary() and "1 call(s) run eagerly meanwhile" in hs.backward_worker.summary()
+        finally:
+            hs.close()
+        assert ran == [True, False, True]  # the first call is the compiled function's (its tracing)
+        return engine
+
+    sent = train(0.0)
+    plain = _tiny_two_fold_engines(0.0)(compile=True)
+    for _ in range(3):
+        plain._step()
+    torch.testing.assert_close(sent.flat, plain.flat, rtol=1e-5, atol=1e-6)
+    dropped = train(0.2)
+    assert torch.isfinite(dropped.flat).all() and not torch.equal(dropped.flat, sent.flat)
 
 
 @pytest.mark.slow

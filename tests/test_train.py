@@ -1,5 +1,6 @@
 """Training engine: resume to the same weights, batched folds = per-fold Adam, run_cv round trip."""
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -231,6 +232,49 @@ def test_batched_folds_capture_the_step_graph_in_a_resumed_run_too(tmp_path):
     resumed.fit(checkpoint=tmp_path / "state.pt")
     assert straight.captures == first.captures == [(1, 3)] and resumed.captures == [(3, 3)]
     torch.testing.assert_close(resumed.flat, straight.flat)
+
+
+def test_batched_folds_capture_the_compiled_step_once_it_is_ready(monkeypatch):
+    """compiled_ready: the first step calls the compiled function (its tracing), the next ones the
+    eager step while compiled_ready("step") is False, captured as usual after three uncaptured
+    steps; once the step and the update are both ready the eager graph is dropped and the compiled
+    step captured after three uncaptured steps of its own. CUDA graphs stood in for by a capture
+    that records and a replay that runs the step (CPU); a stand-in compiled function."""
+    x, y = _data(200)
+    train, evals = [np.arange(0, 150), np.arange(50, 200)], [np.arange(150, 200), np.arange(0, 50)]
+    ready = {"step": False, "update": False}
+    eng = BatchedFolds(lambda: TinyNet(dropout=0.0), x, y, train, evals, None, CFG.replace(epochs=2),
+                       last_batch="drop", compiled_ready=lambda name: ready[name])
+    calls, captures = [], []
+    eng._compiled_forward = lambda *a: calls.append(int(eng.step_idx)) or eng._forward_all_eager(*a)
+
+    class Graph:
+        def replay(self):
+            eng._step()
+
+    @contextlib.contextmanager
+    def graph(g):
+        yield
+        captures.append((int(eng.step_idx), eng._step_ran_compiled))
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    eng.use_graphs = True
+    assert eng.steps_per_epoch == 4
+    eng.train_epoch()  # the fourth step is captured
+    assert calls == [0] and captures == [(4, False)] and eng._graph_is_eager  # the eager step
+    eng.train_epoch()
+    assert calls == [0] and len(captures) == 1  # replayed
+    ready["step"] = True
+    eng.train_epoch()
+    assert len(captures) == 1 and eng._graph_is_eager  # the update not ready yet: the eager graph stays
+    ready["update"] = True
+    n_calls = len(calls)
+    eng.train_epoch()
+    eng.train_epoch()
+    # three uncaptured compiled steps (the calls), then the compiled step captured and replayed
+    assert calls[n_calls:n_calls + 3] == [0, 1, 2] and captures[1:] == [(4, True)] and not eng._graph_is_eager
 
 
 def test_batched_folds_short_last_batch_writes_its_own_folds_rows_only():

@@ -101,6 +101,14 @@ class BatchedFolds:
         saves a second graph's compilation (18 s of a cold start on an H100 for AttnSleep with
         ``benchmarks/stacked_layout.py``'s forward) and costs some 0.06 s more an epoch of 20 folds
         (``benchmarks/RESULTS.md``, step 8).
+    compiled_ready : callable, optional
+        With ``compile``, when other processes compile the training step and the optimiser update
+        (e.g. ``benchmarks/compile_helpers.py``): ``compiled_ready(name)``, whether the compiled
+        code of ``"step"`` or ``"update"`` (the names ``backend_for`` is asked for) is ready. The
+        first training step traces the step (which sends it off); while the step or the update is
+        not ready, steps run it eagerly (on CUDA from a CUDA graph of the step), and once both are,
+        the compiled ones, the step's CUDA graph captured anew. None (default): compiled from the
+        first step on (their compilation blocks).
     bn_fp32 : bool
         Under bf16 autocast, run BatchNorm in fp32 (needed by vmap's eager BatchNorm backward in
         torch 2.11; False is for benchmarks of the compiled path).
@@ -125,6 +133,7 @@ class BatchedFolds:
         compile: bool = False,
         compile_backend="inductor",
         compile_eval: bool = True,
+        compiled_ready: Callable[[], bool] | None = None,
         bn_fp32: bool = True,
         time_phases: bool = False,
     ):
@@ -251,6 +260,11 @@ class BatchedFolds:
         self.arange_B = torch.arange(B, device=self.device)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.graph = None
+        self._graph_is_eager = False  # captured while the compiled step was not ready (compiled_ready)
+        self._step_traced = False  # the compiled step's first call (its tracing) has come
+        self._step_ran_compiled = False  # whether the last training forward was the compiled one
+        self._update_ran_compiled = False  # and the last update
+        self.compiled_ready = compiled_ready
         self._eager_steps_before_capture = 3
         self._uncaptured_steps = 0  # steps this process ran eagerly: the step graph is captured after a warm-up
         self._last_batch_graphs: dict[tuple, torch.cuda.CUDAGraph] = {}  # by the folds it trains
@@ -280,6 +294,13 @@ class BatchedFolds:
         if self._compiled_forward is not None and (
                 xb.shape[1] == self.B if self.skeleton.training
                 else self.compile_eval and xb.shape[1] == self.config.eval_batch_size):
+            if self.skeleton.training:
+                # the first call traces (and, with compiled_ready, sends the step to be compiled)
+                self._step_ran_compiled = (not self._step_traced or self.compiled_ready is None
+                                           or self.compiled_ready("step"))
+                self._step_traced = True
+                if not self._step_ran_compiled:
+                    return self._forward_all_eager(flat, buffers, xb)
             return self._compiled_forward(flat, buffers, xb)
         return self._forward_all_eager(flat, buffers, xb)
 
@@ -356,7 +377,9 @@ class BatchedFolds:
         losses = self._fold_losses(logits, yb, self.class_weights)
         (grad,) = torch.autograd.grad(losses.sum(), self.flat)
         with torch.no_grad():
-            self._update(grad, active, saved, losses.detach(), logits.detach(), yb)
+            self._update_ran_compiled = self.compiled_ready is None or self.compiled_ready("update")
+            update = self._update if self._update_ran_compiled else self._update_eager
+            update(grad, active, saved, losses.detach(), logits.detach(), yb)
 
     def _update_eager(self, grad, active, saved, losses, logits, yb) -> None:
         """Adam on every active fold, BatchNorm statistics of inactive folds restored, metric sums."""
@@ -447,6 +470,11 @@ class BatchedFolds:
         self.step_idx.zero_()
         self.loss_sum.zero_(); self.correct.zero_(); self.seen.zero_()  # noqa: E702
         for s in range(self.steps_per_epoch):
+            if self._graph_is_eager and self.compiled_ready("step") and self.compiled_ready("update"):
+                # the compiled step is back: warm it up and capture it instead (the eager graph's
+                # replays done before its memory goes back)
+                torch.cuda.synchronize(self.device)
+                self.graph, self._graph_is_eager, self._uncaptured_steps = None, False, 0
             if self.use_graphs and self.graph is not None:
                 self.graph.replay()
             elif self.use_graphs and self._uncaptured_steps == self._eager_steps_before_capture:
@@ -475,6 +503,8 @@ class BatchedFolds:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self._step()
+        self._graph_is_eager = self._compiled_forward is not None and not (self._step_ran_compiled
+                                                                            and self._update_ran_compiled)
 
     @torch.no_grad()
     def evaluate(self) -> tuple[torch.Tensor, torch.Tensor]:
