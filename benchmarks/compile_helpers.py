@@ -428,7 +428,9 @@ def check_strides(outputs, traced_strides: list) -> None:
 class Helpers:
     """The helper processes of one engine: one per role of :data:`ROLES`, each this process's command
     line (``argv``) run again, and with ``forward_worker`` (a device type) a :class:`ForwardWorker`
-    for that device; :meth:`backend_for` is the engine's ``compile_backend``, which waits for them."""
+    for that device; :meth:`backend_for` is the engine's ``compile_backend``, which waits for them.
+    ``backward_worker``: a second worker for the step's backward, both falling back to the traced
+    graphs until their code is back; :meth:`ready` is then the engine's ``compiled_ready``."""
 
     def __init__(self, argv: list[str] | None = None, timeout: float = 60.0, forward_worker: str | None = None,
                  backward_worker: bool = False):

@@ -18,11 +18,11 @@ kernels in child processes while the engine compiles its graphs (step 8; since s
 :data:`WARM_SHARDS` of them, each its share; since step 14 started with the engine's timed build);
 ``--tce-contiguous``: the TCE's tensors in their own order, step 8. ``--attention-kernel``: the TCE's attention by
 ``attention_op.py``, step 9. ``--no-tma``: ``cl_conv_op``'s convolutions by pointer loads only, as
-before step 10.) The whole schedule from a cold start, as measured last in step 15::
+before step 10.) The whole schedule from a cold start, as measured last in step 17::
 
     python3 benchmarks/stacked_layout.py --device cuda --skip-naive --amp bf16 --compile --cl-convs --fused \
         --full-only --lean-compile --eager-eval --warm-kernels --tce-contiguous --cudnn-heuristics \
-        --attention-kernel --cold-start-report --compile-helpers
+        --attention-kernel --cold-start-report --compile-helpers --train-while-compiling
 
 It takes :mod:`benchmarks.train_speed`'s arguments and runs it with
 :meth:`~sleeplib.train.fast.BatchedFolds._forward_all_eager` replaced by :func:`stacked_forward`.

@@ -133,7 +133,7 @@ class BatchedFolds:
         compile: bool = False,
         compile_backend="inductor",
         compile_eval: bool = True,
-        compiled_ready: Callable[[], bool] | None = None,
+        compiled_ready: Callable[[str], bool] | None = None,
         bn_fp32: bool = True,
         time_phases: bool = False,
     ):
@@ -260,7 +260,7 @@ class BatchedFolds:
         self.arange_B = torch.arange(B, device=self.device)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.graph = None
-        self._graph_is_eager = False  # captured while the compiled step was not ready (compiled_ready)
+        self._graph_is_eager = False  # captured before the compiled step and update were ready (compiled_ready)
         self._step_traced = False  # the compiled step's first call (its tracing) has come
         self._step_ran_compiled = False  # whether the last training forward was the compiled one
         self._update_ran_compiled = False  # and the last update
