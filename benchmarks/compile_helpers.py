@@ -15,7 +15,7 @@ so threads do not overlap them; processes do. Two kinds of helper:
   wait of at most ``timeout`` seconds, then the engine compiles the graph itself. A helper for the
   backward marked it 35-42 s after the start, 10-12 s after the engine needed it, as such a helper
   must also import, build and trace before it compiles (step 14).
-* **The forward's worker** (:class:`ForwardWorker`): a process started at the build, to which the
+* **The forward's worker** (:class:`GraphWorker`): a process started at the build, to which the
   engine's process sends the step's forward graph as soon as it has traced it; the engine's process
   then lowers the backward at once, itself, instead of at the first backward, so the two compile
   side by side. The graph travels as inductor's out-of-process compilation sends it
@@ -126,8 +126,8 @@ def wait_for_mark(marks: Path, graph: str, proc, timeout: float) -> tuple[float,
 
 
 def waiting_backend(name: str, marks: Path, helpers: dict[str, subprocess.Popen], waits: Waits,
-                    timeout: float = 60.0, worker: ForwardWorker | None = None,
-                    backward_worker: ForwardWorker | None = None):
+                    timeout: float = 60.0, worker: GraphWorker | None = None,
+                    backward_worker: GraphWorker | None = None):
     """The engine's backend: inductor as usual, but before compiling a graph that a live helper
     compiles (``helpers``: graph -> process), wait for its mark, at most ``timeout`` seconds, so that
     inductor finds it in its cache; the graph :data:`FORWARD_GRAPH` sent to ``worker``, and then the
@@ -157,7 +157,7 @@ def waiting_backend(name: str, marks: Path, helpers: dict[str, subprocess.Popen]
 
 
 FORWARD_GRAPH = "step.forward"
-"""The graph :class:`ForwardWorker` compiles: the training step's forward."""
+"""The graph :class:`GraphWorker` compiles: the training step's forward."""
 BACKWARD_GRAPH = "step.backward"
 """The graph the backward's worker compiles (``Helpers(backward_worker=True)``)."""
 
@@ -266,13 +266,14 @@ def _slices_registered_for_pytree() -> None:
         pytree.register_pytree_node(slice, lambda s: ([s.start, s.stop, s.step], None), lambda v, _: slice(*v))
 
 
-class ForwardWorker:
-    """A process, spawned at the build, that compiles the step's forward graph while the engine's
-    process compiles its backward (:func:`waiting_backend`): inductor's compilation of a graph, sent
-    serialised (:func:`graph_pickling`); the compiled code comes back and is loaded at the first call
-    (:class:`Pending`). A graph inductor cannot serialise is compiled in the engine's process.
-    ``fallback``: until the compiled code is back, a call runs the traced graph eagerly instead of
-    waiting. ``label``: the graph's name in :meth:`summary`."""
+class GraphWorker:
+    """A process, spawned at the build, that compiles one of the step's graphs (the forward, while the
+    engine's process compiles the backward or sends it to a second worker: :func:`waiting_backend`):
+    inductor's compilation of a graph, sent serialised (:func:`graph_pickling`); the compiled code
+    comes back and is loaded at the first call (:class:`Pending`). A graph inductor cannot serialise
+    is compiled in the engine's process. ``fallback``: until the compiled code is back, a call runs
+    the traced graph eagerly instead of waiting. ``label``: the graph's name in :meth:`summary` and
+    in errors."""
 
     def __init__(self, device: str, fallback: bool = False, label: str = "forward"):
         import multiprocessing
@@ -327,7 +328,8 @@ class ForwardWorker:
             pickled, constants = serialized
             future = self.future = scheme._send_to_child_async(pickled)
             log.update(sent=True, send_s=time.perf_counter() - t0, worker_warm=self._warm.done())
-            return Pending(future, constants, scheme, log, traced_strides, fallback=gm if self.fallback else None)
+            return Pending(future, constants, scheme, log, traced_strides, fallback=gm if self.fallback else None,
+                           label=self.label)
 
         # every output of a forward at its traced strides, as the backward lowered beside it expects:
         # inductor may otherwise lay out a 4-d one channels-last (an AttnSleep convolution's, saved
@@ -366,8 +368,10 @@ class Pending(_OutputCodeBase):
     calls that come before the compiled code is back instead of waiting; its outputs have the traced
     strides, being what they were traced from."""
 
-    def __init__(self, future, constants, scheme, log: dict, traced_strides: list, fallback=None):
+    def __init__(self, future, constants, scheme, log: dict, traced_strides: list, fallback=None,
+                 label: str = "forward"):
         self._boxed_call = True
+        self._label = label
         self._future, self._constants, self._scheme, self._log = future, constants, scheme, log
         self._traced_strides = traced_strides
         self._fallback = fallback
@@ -388,7 +392,7 @@ class Pending(_OutputCodeBase):
             return self._compiled(inputs)
         if self._fallback is not None and not self._future.done():
             self._log["fallback_calls"] = self._log.get("fallback_calls", 0) + 1
-            return self._fallback(*inputs)
+            return run_as_traced(self._fallback, inputs)
         self._compiled = self._load()
         outputs = self._compiled(inputs)
         check_strides(outputs, self._traced_strides)
@@ -399,8 +403,9 @@ class Pending(_OutputCodeBase):
         try:
             pickled, compile_s = self._future.result()
         except Exception as e:
-            raise RuntimeError(f"the step's forward failed to compile in the worker process ({type(e).__name__}: {e}); "
-                               "run with --no-forward-worker to compile it in this process") from e
+            how = "without --train-while-compiling" if self._label == "backward" else "with --no-forward-worker"
+            raise RuntimeError(f"the step's {self._label} failed to compile in the worker process "
+                               f"({type(e).__name__}: {e}); run {how} to compile it in this process") from e
         t1 = time.perf_counter()
         with graph_pickling():
             output = pickled.deserialize(self._constants)
@@ -409,6 +414,17 @@ class Pending(_OutputCodeBase):
         compiled.post_compile(*self._post)
         self._log.update(compile_s=compile_s, wait_s=t1 - t0, load_s=time.perf_counter() - t1)
         return compiled
+
+
+def run_as_traced(gm: torch.fx.GraphModule, inputs: list):
+    """Run a traced graph op by op, called as compiled graphs are (AOTAutograd's boxed convention: a
+    list of inputs, which the callee owns and empties, so that the backward frees saved tensors as
+    it goes)."""
+    if isinstance(gm.graph._codegen, torch.fx.graph._BoxedCodeGen):
+        return gm(inputs)
+    args = list(inputs)
+    inputs.clear()
+    return gm(*args)
 
 
 def check_strides(outputs, traced_strides: list) -> None:
@@ -427,7 +443,7 @@ def check_strides(outputs, traced_strides: list) -> None:
 
 class Helpers:
     """The helper processes of one engine: one per role of :data:`ROLES`, each this process's command
-    line (``argv``) run again, and with ``forward_worker`` (a device type) a :class:`ForwardWorker`
+    line (``argv``) run again, and with ``forward_worker`` (a device type) a :class:`GraphWorker`
     for that device; :meth:`backend_for` is the engine's ``compile_backend``, which waits for them.
     ``backward_worker``: a second worker for the step's backward, both falling back to the traced
     graphs until their code is back; :meth:`ready` is then the engine's ``compiled_ready``."""
@@ -443,8 +459,8 @@ class Helpers:
                       for r, graph in ROLES.items()}
         if backward_worker and not forward_worker:
             raise ValueError("a backward worker goes with a forward worker (forward_worker: the device type)")
-        self.worker = ForwardWorker(forward_worker, fallback=backward_worker) if forward_worker else None
-        self.backward_worker = (ForwardWorker(forward_worker, fallback=True, label="backward")
+        self.worker = GraphWorker(forward_worker, fallback=backward_worker) if forward_worker else None
+        self.backward_worker = (GraphWorker(forward_worker, fallback=True, label="backward")
                                 if backward_worker else None)
 
     def backend_for(self, name: str):

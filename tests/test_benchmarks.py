@@ -1169,7 +1169,7 @@ def test_forward_worker_compiles_the_step_forward_while_the_engine_compiles_the_
     monkeypatch.setattr(compile_fx, "compile_fx_inner", lambda gm, ex, **kw: events.append(
         helpers.graph_kind(kw)) or real_inner(gm, ex, **kw))
     monkeypatch.setattr(helpers.Pending, "_load", lambda self: events.append("load") or real_load(self))
-    worker = helpers.ForwardWorker("cpu")
+    worker = helpers.GraphWorker("cpu")
     try:
         sent = build(compile=True, compile_backend=lambda name: helpers.waiting_backend(
             name, tmp_path, {}, helpers.Waits(), worker=worker))
@@ -1257,7 +1257,7 @@ def test_forward_worker_keeps_the_traced_strides_of_attnsleeps_saved_convolution
         return BatchedFolds(lambda: build_model("attnsleep", n_times=3000, dropout=0.0, mrcnn_dropout=0.0), x, y,
                             rows, rows, None, config, compile=True, compile_eval=False, **kwargs)
 
-    worker = helpers.ForwardWorker("cpu")
+    worker = helpers.GraphWorker("cpu")
     try:
         sent = build(compile_backend=lambda name: helpers.waiting_backend(name, tmp_path, {}, helpers.Waits(),
                                                                           worker=worker))
@@ -1289,8 +1289,29 @@ def test_forward_worker_failure_says_how_to_compile_here():
     failed = Future()
     failed.set_exception(RuntimeError("worker died"))
     pending = helpers.Pending(failed, None, None, {}, [])
-    with pytest.raises(RuntimeError, match="failed to compile in the worker process.*worker died.*--no-forward-worker"):
+    with pytest.raises(RuntimeError, match="forward failed to compile in the worker process.*worker died.*--no-forward-worker"):
         pending([])
+    pending = helpers.Pending(failed, None, None, {}, [], label="backward")
+    with pytest.raises(RuntimeError, match="backward failed to compile.*without --train-while-compiling"):
+        pending([])
+
+
+def test_pending_runs_the_traced_graph_as_compiled_code_is_called_until_it_is_back():
+    """A Pending with a fallback, before its compiled code is back: the traced graph runs, called as
+    compiled graphs are (the input list handed over and emptied), plain and boxed graphs alike."""
+    from concurrent.futures import Future
+
+    helpers = _load("compile_helpers")
+    gm = torch.fx.symbolic_trace(lambda a, b: (a * b + 1,))
+    boxed = torch.fx.symbolic_trace(lambda a, b: (a * b + 1,))
+    boxed.graph.set_codegen(torch.fx.graph._BoxedCodeGen())
+    boxed.recompile()
+    for graph in (gm, boxed):
+        log = {}
+        pending = helpers.Pending(Future(), None, None, log, [None], fallback=graph)
+        inputs = [torch.full((2,), 3.0), torch.full((2,), 2.0)]
+        (out,) = pending(inputs)
+        assert torch.equal(out, torch.full((2,), 7.0)) and inputs == [] and log["fallback_calls"] == 1
 
 
 def test_graph_pickling_sends_any_operator_and_weak_caches_empty():
